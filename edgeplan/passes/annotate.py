@@ -1,0 +1,153 @@
+"""Annotate: stamp every node of a captured graph with its tensor spec and static cost.
+
+Reads shapes from `node.meta["val"]` (fake tensors from torch.export) and weights from
+`get_attr` targets; writes `node.meta["edgeplan.tensor"]` (TensorSpec, or None for
+non-tensor values) and `node.meta["edgeplan.cost"]` (OpCost). The graph is not changed.
+
+FLOP rules (multiply-add = 2 FLOPs): linear/matmul family 2*M*N*K; convolution
+2*out_elems*(C_in/groups)*prod(kernel); scaled-dot-product attention 4*B*H*L*S*E plus the
+softmax; norms and softmax 5 per output element; other elementwise ops and reductions one
+per element; views, embedding gathers and shape ops none. Views alias their input, so
+they carry no bytes of their own.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.fx
+
+from edgeplan.errors import CaptureError
+from edgeplan.passes.capture import numpy_dtype_name, signature_of
+from edgeplan.passes.records import COST_KEY, TENSOR_KEY, OpCost, TensorSpec
+
+aten = torch.ops.aten
+
+MATMUL_OPS = {aten.mm.default, aten.bmm.default, aten.matmul.default, aten.addmm.default,
+              aten.baddbmm.default, aten.linear.default}
+CONV_OPS = {aten.convolution.default, aten.conv1d.default, aten.conv2d.default, aten.conv3d.default}
+ATTENTION_OPS = {aten.scaled_dot_product_attention.default}
+NORM_OPS = {aten.layer_norm.default, aten.native_layer_norm.default, aten.batch_norm.default,
+            aten._native_batch_norm_legit_no_training.default, aten.group_norm.default,
+            aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten.rms_norm.default}
+EMBEDDING_OPS = {aten.embedding.default, aten.index_select.default, aten.gather.default}
+REDUCE_OPS = {aten.mean.dim, aten.mean.default, aten.sum.dim_IntList, aten.sum.default,
+              aten.amax.default, aten.max.dim, aten.adaptive_avg_pool2d.default,
+              aten.max_pool2d.default, aten.avg_pool2d.default, aten.cumsum.default}
+VIEW_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+            aten.permute.default, aten.transpose.int, aten.t.default, aten.expand.default,
+            aten.slice.Tensor, aten.select.int, aten.unsqueeze.default, aten.squeeze.dim,
+            aten.squeeze.default, aten.flatten.using_ints, aten.alias.default,
+            aten.contiguous.default, aten.unflatten.int, aten.split.Tensor,
+            aten.chunk.default, aten.unbind.int, aten.detach.default, aten.dropout.default,
+            aten.clone.default, aten.to.dtype, aten._assert_tensor_metadata.default,
+            operator.getitem}
+# Ops that only create shapes/constants: free, like views.
+SHAPE_OPS = {aten.arange.default, aten.arange.start, aten.arange.start_step, aten.zeros.default,
+             aten.ones.default, aten.full.default, aten.scalar_tensor.default, aten.sym_size.int,
+             aten.empty.memory_format}
+NORM_FLOPS_PER_ELEMENT = 5
+SOFTMAX_FLOPS_PER_ELEMENT = 5
+
+
+def _tensor_spec(name: str, value) -> TensorSpec | None:
+    if isinstance(value, torch.Tensor):
+        return TensorSpec(name, tuple(int(d) for d in value.shape), numpy_dtype_name(value.dtype))
+    return None
+
+
+def _spec(node) -> TensorSpec | None:
+    return node.meta.get(TENSOR_KEY) if isinstance(node, torch.fx.Node) else None
+
+
+def _numel(spec: TensorSpec | None) -> int:
+    return math.prod(spec.shape) if spec is not None else 0
+
+
+def _flops(node: torch.fx.Node, out: TensorSpec | None) -> tuple[str, int]:
+    target = node.target
+    args = node.args
+    out_elems = _numel(out)
+    if target in MATMUL_OPS:
+        # K is the contracted dim of the first matrix operand (addmm/baddbmm: arg 1).
+        lhs = _spec(args[1] if target in (aten.addmm.default, aten.baddbmm.default) else args[0])
+        k = lhs.shape[-1] if lhs is not None and lhs.shape else 1
+        return "matmul", 2 * out_elems * k
+    if target in CONV_OPS:
+        weight = _spec(args[1])
+        per_output = math.prod(weight.shape[1:]) if weight is not None else 1
+        return "conv", 2 * out_elems * per_output
+    if target in ATTENTION_OPS:
+        q, k = _spec(args[0]), _spec(args[1])
+        if q is None or k is None:
+            return "attention", 0
+        batch_heads = math.prod(q.shape[:-2])
+        length_q, embed = q.shape[-2], q.shape[-1]
+        length_kv = k.shape[-2]
+        scores = batch_heads * length_q * length_kv
+        return "attention", 4 * scores * embed + SOFTMAX_FLOPS_PER_ELEMENT * scores
+    if target in NORM_OPS:
+        return "norm", NORM_FLOPS_PER_ELEMENT * out_elems
+    if target in EMBEDDING_OPS:
+        return "embedding", 0
+    if target in REDUCE_OPS:
+        inputs = _spec(args[0])
+        return "reduce", max(_numel(inputs), out_elems)
+    if target in VIEW_OPS or target in SHAPE_OPS:
+        return "view", 0
+    if out is not None:
+        return "elementwise", out_elems
+    return "other", 0
+
+
+def annotate(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Stamp TensorSpec and OpCost records on every node of a captured graph (in place)."""
+    signature_of(gm)  # precondition: a captured graph
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            spec = _tensor_spec(node.name, node.meta.get("val"))
+            node.meta[TENSOR_KEY] = spec
+            node.meta[COST_KEY] = OpCost("input", 0, 0, spec.nbytes if spec else 0)
+        elif node.op == "get_attr":
+            value = _fetch_attr(gm, node.target)
+            spec = _tensor_spec(node.name, value)
+            nbytes = spec.nbytes if spec else 0
+            node.meta[TENSOR_KEY] = spec
+            node.meta[COST_KEY] = OpCost("param", 0, 0, 0, param_bytes=nbytes)
+        elif node.op == "call_function":
+            spec = _tensor_spec(node.name, node.meta.get("val"))
+            node.meta[TENSOR_KEY] = spec
+            kind, flops = _flops(node, spec)
+            if kind == "view":
+                node.meta[COST_KEY] = OpCost(kind, 0, 0, 0)
+                continue
+            output_bytes = spec.nbytes if spec else _tuple_bytes(node.meta.get("val"))
+            input_bytes = sum(
+                _spec(arg).nbytes for arg in node.all_input_nodes if _spec(arg) is not None
+            )
+            node.meta[COST_KEY] = OpCost(kind, int(flops), int(input_bytes + output_bytes),
+                                         int(output_bytes))
+        elif node.op == "output":
+            node.meta[TENSOR_KEY] = None
+            node.meta[COST_KEY] = OpCost("other", 0, 0, 0)
+        else:
+            raise CaptureError(
+                f"annotate: unexpected node {node.name!r} ({node.op} {node.target}); capture "
+                f"the model with edgeplan.passes.capture.capture"
+            )
+    return gm
+
+
+def _tuple_bytes(value) -> int:
+    if isinstance(value, (tuple, list)):
+        return sum(int(v.numel()) * v.element_size() for v in value if isinstance(v, torch.Tensor))
+    return 0
+
+
+def _fetch_attr(gm: torch.fx.GraphModule, target: str):
+    value = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value

@@ -1,0 +1,492 @@
+"""Partition: choose pipeline stages (unit ranges) and the device running each, from CostTables.
+
+Decision out, no graph rewrite: `partition(tables, ...) -> PartitionResult`, a list of
+stages (slot = device + backend, unit range [start, end)) in pipeline order. The graph
+surgery that follows is `edgeplan.passes.split`.
+
+The CP-SAT model (OR-Tools) assigns U units to at most S ordered stage positions, each run
+by one slot; the solver also picks the device order. Constraints as in the write-up:
+  (a) each unit in exactly one stage;
+  (b) stages are contiguous in unit order (a unit's stage index grows by 0 or 1);
+  (c) memory: a stage's weights plus its largest live activation fit its device;
+  (d) at most one stage per device; stages are a prefix of positions, none empty.
+Objective "bottleneck" (default) minimizes the slowest stage compute or boundary transfer,
+the steady-state time per microbatch of a pipeline; "latency" minimizes the sum (one
+microbatch end to end). Times are scaled to integers (about 1e6 steps over the largest
+possible value); reported values are re-evaluated on the float tables.
+
+`solve_dp` is an exact dynamic program for a fixed device order (stages use a subsequence
+of it): the check for CP-SAT in tests, the hint it starts from, and a fallback bound.
+
+Torch-free: reads numpy arrays only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from edgeplan.errors import PlanError
+from edgeplan.planner.cost import CostTables
+
+OBJECTIVES = ("bottleneck", "latency")
+TIME_STEPS = 1_000_000  # integer resolution of times in the CP-SAT model
+MEMORY_QUANTUM = 1024  # bytes; unit memory rounds up, budgets round down
+
+
+@dataclass(frozen=True)
+class StageAssignment:
+    """One stage: units [start, end) on slot `slot` (an index into CostTables.slots)."""
+
+    slot: int
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class PartitionResult:
+    stages: tuple[StageAssignment, ...]
+    objective: str
+    value_s: float
+    bound_s: float
+    gap: float
+    status: str
+    solver: str
+    solve_time_s: float
+
+
+@dataclass(frozen=True)
+class StageCosts:
+    """Evaluated costs of an assignment: per stage compute and memory, per boundary link."""
+
+    compute_s: tuple[float, ...]
+    link_s: tuple[float, ...]
+    memory_bytes: tuple[int, ...]
+
+    @property
+    def bottleneck_s(self) -> float:
+        return max(self.compute_s + self.link_s)
+
+    @property
+    def latency_s(self) -> float:
+        return sum(self.compute_s) + sum(self.link_s)
+
+    def value(self, objective: str) -> float:
+        return self.bottleneck_s if objective == "bottleneck" else self.latency_s
+
+
+def evaluate(tables: CostTables, stages: Sequence[StageAssignment]) -> StageCosts:
+    """Compute, link and memory of each stage of an assignment, on the float tables."""
+    compute, links, memory = [], [], []
+    for i, stage in enumerate(stages):
+        compute.append(float(tables.compute_s[stage.start:stage.end, stage.slot].sum()))
+        memory.append(tables.stage_memory(stage.start, stage.end))
+        if i + 1 < len(stages):
+            nxt = stages[i + 1]
+            links.append(tables.link_s(int(tables.slot_device[stage.slot]),
+                                       int(tables.slot_device[nxt.slot]),
+                                       float(tables.cut_bytes[stage.end - 1])))
+    return StageCosts(tuple(compute), tuple(links), tuple(memory))
+
+
+def validate_assignment(tables: CostTables, stages: Sequence[StageAssignment]) -> None:
+    """Raise PlanError unless stages cover all units contiguously, on distinct devices, in memory."""
+    unit_count = len(tables.unit_names)
+    if not stages:
+        raise PlanError("partition: a plan needs at least one stage")
+    expected_start = 0
+    used_devices: dict[int, int] = {}
+    for i, stage in enumerate(stages):
+        if not 0 <= stage.slot < len(tables.slots):
+            raise PlanError(f"partition: stage {i} names slot {stage.slot}, the fleet has "
+                            f"{len(tables.slots)} (device, backend) slots")
+        if stage.start != expected_start or stage.end <= stage.start:
+            raise PlanError(
+                f"partition: stage {i} covers units [{stage.start}, {stage.end}) but must start at "
+                f"unit {expected_start} and be non-empty: stages are contiguous (constraint b)")
+        expected_start = stage.end
+        device = int(tables.slot_device[stage.slot])
+        if device in used_devices:
+            raise PlanError(
+                f"partition: stages {used_devices[device]} and {i} both run on device "
+                f"{tables.device_names[device]!r}: at most one stage per device (constraint d)")
+        used_devices[device] = i
+        need = tables.stage_memory(stage.start, stage.end)
+        budget = int(tables.device_memory_bytes[device])
+        if need > budget:
+            raise PlanError(
+                f"partition: stage {i} (units {tables.unit_names[stage.start]}.."
+                f"{tables.unit_names[stage.end - 1]}) needs {need} bytes on device "
+                f"{tables.device_names[device]!r}, which has {budget}: {need - budget} bytes short "
+                f"(constraint c); move units to another stage or use a larger device")
+    if expected_start != unit_count:
+        raise PlanError(f"partition: stages cover {expected_start} of {unit_count} units "
+                        f"(constraint a); the last stage must end at unit {unit_count}")
+
+
+def _check_objective(objective: str) -> None:
+    if objective not in OBJECTIVES:
+        raise PlanError(f"partition: unknown objective {objective!r}; use one of {', '.join(OBJECTIVES)}")
+
+
+# --------------------------------------------------------------------------------------
+# Exact DP over a fixed device order
+
+
+def _range_max(values: np.ndarray) -> np.ndarray:
+    """table[i, j] = max(values[i:j]) for i < j (0 elsewhere)."""
+    count = len(values)
+    table = np.zeros((count + 1, count + 1), dtype=values.dtype)
+    for i in range(count):
+        table[i, i + 1:] = np.maximum.accumulate(values[i:])
+    return table
+
+
+def solve_dp(tables: CostTables, device_order: Sequence[int], objective: str = "bottleneck",
+             num_stages: int | None = None) -> PartitionResult | None:
+    """Optimal stages over a subsequence of `device_order` (device indices); None if infeasible."""
+    _check_objective(objective)
+    started = time.perf_counter()
+    unit_count = len(tables.unit_names)
+    order = list(device_order)
+    max_stages = min(len(order), unit_count)
+    if num_stages is not None and num_stages > max_stages:
+        return None
+    combine = np.maximum if objective == "bottleneck" else np.add
+
+    prefix_compute = np.vstack([np.zeros(len(tables.slots)), np.cumsum(tables.compute_s, axis=0)])
+    prefix_memory = np.concatenate([[0], np.cumsum(tables.memory_sum_bytes)])
+    memory_need = (prefix_memory[None, :] - prefix_memory[:, None]) + _range_max(tables.memory_max_bytes)
+    lower = np.tril(np.ones((unit_count + 1, unit_count + 1), dtype=bool))  # i' >= i: no stage
+
+    stage_cost, stage_slot = [], []  # per order position: [i', i] -> seconds / best slot
+    for device in order:
+        slots = np.flatnonzero(tables.slot_device == device)
+        per_slot = prefix_compute[None, :, slots] - prefix_compute[:, None, slots]
+        best = per_slot.argmin(axis=2)
+        cost = np.take_along_axis(per_slot, best[..., None], axis=2)[..., 0]
+        cost[(memory_need > tables.device_memory_bytes[device]) | lower] = np.inf
+        stage_cost.append(cost)
+        stage_slot.append(slots[best])
+
+    cut_bytes = np.concatenate([[0.0], tables.cut_bytes.astype(float), [0.0]])  # cut at i' (after unit i'-1)
+    inf = np.inf
+    best_value = np.full((max_stages + 1, len(order), unit_count + 1), inf)
+    parent = np.full((max_stages + 1, len(order), unit_count + 1, 2), -1, dtype=np.int64)
+    for j in range(len(order)):
+        best_value[1, j] = stage_cost[j][0]
+    for count in range(2, max_stages + 1):
+        for j in range(len(order)):
+            for prev in range(j):
+                a, b = order[prev], order[j]
+                link = tables.link_latency_s[a, b] + cut_bytes / tables.link_bandwidth[a, b]
+                head = combine(best_value[count - 1, prev], link)  # over i'
+                candidate = combine(head[:, None], stage_cost[j])  # [i', i]
+                split = candidate.argmin(axis=0)
+                value = candidate[split, np.arange(unit_count + 1)]
+                better = value < best_value[count, j]
+                best_value[count, j][better] = value[better]
+                parent[count, j][better] = np.stack([np.full(better.sum(), prev), split[better]], axis=1)
+
+    counts = [num_stages] if num_stages is not None else list(range(1, max_stages + 1))
+    finals = [(best_value[c, j, unit_count], c, j) for c in counts for j in range(len(order))]
+    value, count, j = min(finals, key=lambda item: (item[0], item[1]))
+    if not np.isfinite(value):
+        return None
+    stages, end = [], unit_count
+    while count >= 1:
+        if count == 1:
+            start, prev = 0, -1
+        else:
+            prev, start = parent[count, j, end]
+        stages.append(StageAssignment(int(stage_slot[j][start, end]), int(start), int(end)))
+        end, j, count = int(start), int(prev), count - 1
+    stages.reverse()
+    evaluated = evaluate(tables, stages).value(objective)
+    return PartitionResult(tuple(stages), objective, evaluated, evaluated, 0.0, "OPTIMAL", "dp",
+                           time.perf_counter() - started)
+
+
+# --------------------------------------------------------------------------------------
+# CP-SAT over free device order
+
+
+def _interchangeable_classes(tables: CostTables) -> list[list[int]]:
+    """Groups of devices that can swap places without changing any cost (symmetry breaking)."""
+    device_count = len(tables.device_names)
+    signature = []
+    for d in range(device_count):
+        slots = np.flatnonzero(tables.slot_device == d)
+        signature.append((int(tables.device_memory_bytes[d]),
+                          tables.compute_s[:, slots].tobytes()))
+    classes: list[list[int]] = []
+    for d in range(device_count):
+        for group in classes:
+            if all(_swappable(tables, signature, d, other) for other in group):
+                group.append(d)
+                break
+        else:
+            classes.append([d])
+    return [group for group in classes if len(group) > 1]
+
+
+def _swappable(tables: CostTables, signature: list, a: int, b: int) -> bool:
+    if signature[a] != signature[b]:
+        return False
+    others = [x for x in range(len(tables.device_names)) if x not in (a, b)]
+    return all(
+        tables.link_latency_s[a, x] == tables.link_latency_s[b, x]
+        and tables.link_bandwidth[a, x] == tables.link_bandwidth[b, x]
+        and tables.link_latency_s[x, a] == tables.link_latency_s[x, b]
+        and tables.link_bandwidth[x, a] == tables.link_bandwidth[x, b]
+        for x in others
+    )
+
+
+def solve_cpsat(tables: CostTables, objective: str = "bottleneck", *, time_limit_s: float = 10.0,
+                num_stages: int | None = None, device_order: Sequence[int] | None = None,
+                hint: Sequence[StageAssignment] | None = None, workers: int = 2,
+                seed: int = 0) -> PartitionResult | None:
+    """Solve the partition ILP with CP-SAT; None if proven infeasible."""
+    from ortools.sat.python import cp_model
+
+    _check_objective(objective)
+    started = time.perf_counter()
+    unit_count, slot_count = tables.compute_s.shape
+    device_count = len(tables.device_names)
+    stage_count = min(device_count, unit_count)
+    if num_stages is not None:
+        if num_stages > stage_count:
+            return None
+        stage_count = num_stages
+
+    # Integer scaling: times to ~TIME_STEPS steps over the largest possible objective.
+    cut_bytes = tables.cut_bytes.astype(float)
+    off_diagonal = ~np.eye(device_count, dtype=bool)
+    worst_link = (float((tables.link_latency_s[off_diagonal]).max(initial=0.0))
+                  + float(cut_bytes.max(initial=0.0)) / float(tables.link_bandwidth[off_diagonal].min(initial=np.inf)))
+    worst_total = float(tables.compute_s.max(axis=1).sum()) + worst_link * max(stage_count - 1, 0)
+    scale = TIME_STEPS / max(worst_total, 1e-12)
+    compute_int = np.rint(tables.compute_s * scale).astype(np.int64)
+    memory_sum = -(-tables.memory_sum_bytes // MEMORY_QUANTUM)
+    memory_max = -(-tables.memory_max_bytes // MEMORY_QUANTUM)
+    budget = tables.device_memory_bytes // MEMORY_QUANTUM
+    horizon = int(compute_int.sum(axis=0).max() + np.ceil(worst_link * scale) + 1)
+
+    model = cp_model.CpModel()
+    in_stage = [[model.NewBoolVar(f"z_u{u}_s{s}") for s in range(stage_count)] for u in range(unit_count)]
+    runs_on = [[model.NewBoolVar(f"y_s{s}_k{k}") for k in range(slot_count)] for s in range(stage_count)]
+    on_device = [[model.NewBoolVar(f"yd_s{s}_d{d}") for d in range(device_count)] for s in range(stage_count)]
+    active = [model.NewBoolVar(f"active_s{s}") for s in range(stage_count)]
+
+    # (a) each unit in exactly one stage.
+    for u in range(unit_count):
+        model.AddExactlyOne(in_stage[u])
+    # (b) contiguity: the stage index starts at 0 and grows by 0 or 1 per unit.
+    stage_index = [sum(s * in_stage[u][s] for s in range(stage_count)) for u in range(unit_count)]
+    model.Add(stage_index[0] == 0)
+    for u in range(unit_count - 1):
+        step = stage_index[u + 1] - stage_index[u]
+        model.Add(step >= 0)
+        model.Add(step <= 1)
+    # (d) active stages form a prefix, each runs on one slot, the last unit closes the last
+    # active stage (so none is empty), and a device runs at most one stage.
+    for s in range(stage_count):
+        model.Add(sum(runs_on[s]) == active[s])
+        for d in range(device_count):
+            model.Add(on_device[s][d] == sum(runs_on[s][k] for k in np.flatnonzero(tables.slot_device == d)))
+        if s + 1 < stage_count:
+            model.AddImplication(active[s + 1], active[s])
+    model.Add(stage_index[unit_count - 1] == sum(active) - 1)
+    if num_stages is not None:
+        model.Add(sum(active) == num_stages)
+    used = [model.NewBoolVar(f"used_d{d}") for d in range(device_count)]
+    for d in range(device_count):
+        model.Add(sum(on_device[s][d] for s in range(stage_count)) == used[d])
+    position = [sum(s * on_device[s][d] for s in range(stage_count)) for d in range(device_count)]
+
+    # (c) memory: weights add up, activations take the stage's largest.
+    for s in range(stage_count):
+        peak = model.NewIntVar(0, int(memory_max.max(initial=0)), f"peak_s{s}")
+        for u in range(unit_count):
+            if memory_max[u]:
+                model.Add(peak >= int(memory_max[u])).OnlyEnforceIf(in_stage[u][s])
+        weights = sum(int(memory_sum[u]) * in_stage[u][s] for u in range(unit_count))
+        for k in range(slot_count):
+            model.Add(weights + peak <= int(budget[tables.slot_device[k]])).OnlyEnforceIf(runs_on[s][k])
+
+    # Stage compute time on its slot.
+    compute = [model.NewIntVar(0, horizon, f"compute_s{s}") for s in range(stage_count)]
+    for s in range(stage_count):
+        for k in range(slot_count):
+            model.Add(compute[s] >= sum(int(compute_int[u, k]) * in_stage[u][s]
+                                        for u in range(unit_count))).OnlyEnforceIf(runs_on[s][k])
+    # Boundary s (stage s -> s+1) sits at the cut after unit u iff u is the last unit of s.
+    links = []
+    for s in range(stage_count - 1):
+        boundary = [model.NewBoolVar(f"cut_u{u}_s{s}") for u in range(unit_count - 1)]
+        for u in range(unit_count - 1):
+            model.AddBoolOr([in_stage[u][s].Not(), in_stage[u + 1][s + 1].Not(), boundary[u]])
+        link = model.NewIntVar(0, horizon, f"link_s{s}")
+        links.append(link)
+        for a in range(device_count):
+            for b in range(device_count):
+                if a == b:
+                    continue
+                latency = int(np.rint(tables.link_latency_s[a, b] * scale))
+                per_cut = np.rint(cut_bytes / tables.link_bandwidth[a, b] * scale).astype(np.int64)
+                model.Add(link >= latency + sum(int(per_cut[u]) * boundary[u] for u in range(unit_count - 1))
+                          ).OnlyEnforceIf([on_device[s][a], on_device[s + 1][b]])
+
+    if device_order is not None:
+        order = list(device_order)
+        allowed = set(order)
+        for d in range(device_count):
+            if d not in allowed:
+                model.Add(used[d] == 0)
+        for i, j in itertools.combinations(range(len(order)), 2):
+            model.Add(position[order[i]] + 1 <= position[order[j]]).OnlyEnforceIf(
+                [used[order[i]], used[order[j]]])
+    else:
+        # Symmetry breaking: interchangeable devices are used in index order.
+        for group in _interchangeable_classes(tables):
+            for a, b in zip(group, group[1:]):
+                model.Add(used[a] >= used[b])
+                model.Add(position[a] + 1 <= position[b]).OnlyEnforceIf(used[b])
+
+    if objective == "bottleneck":
+        bottleneck = model.NewIntVar(0, horizon, "bottleneck")
+        for var in compute + links:
+            model.Add(bottleneck >= var)
+        model.Minimize(bottleneck)
+    else:
+        model.Minimize(sum(compute) + sum(links))
+
+    if hint:
+        _add_hint(model, hint, in_stage, runs_on, on_device, active, unit_count, slot_count,
+                  device_count, stage_count, tables)
+
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = float(time_limit_s)
+    solver.parameters.num_workers = workers
+    solver.parameters.random_seed = seed
+    status = solver.Solve(model)
+    if status == cp_model.INFEASIBLE:
+        return None
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        raise PlanError(
+            f"partition: CP-SAT found no plan within {time_limit_s:.1f} s ({solver.StatusName(status)}); "
+            f"raise the time limit (--time-limit) or use a coarser granularity")
+
+    stages = []
+    for s in range(stage_count):
+        if not solver.Value(active[s]):
+            break
+        slot = next(k for k in range(slot_count) if solver.Value(runs_on[s][k]))
+        members = [u for u in range(unit_count) if solver.Value(in_stage[u][s])]
+        stages.append(StageAssignment(slot, members[0], members[-1] + 1))
+    value = evaluate(tables, stages).value(objective)
+    bound = min(solver.BestObjectiveBound() / scale, value)
+    gap = 0.0 if status == cp_model.OPTIMAL else max(0.0, (value - bound) / value if value else 0.0)
+    return PartitionResult(tuple(stages), objective, value, bound, gap,
+                           solver.StatusName(status), "cp-sat", time.perf_counter() - started)
+
+
+def _add_hint(model, hint, in_stage, runs_on, on_device, active, unit_count, slot_count,
+              device_count, stage_count, tables) -> None:
+    if len(hint) > stage_count:
+        return
+    for s in range(stage_count):
+        stage = hint[s] if s < len(hint) else None
+        model.AddHint(active[s], stage is not None)
+        for k in range(slot_count):
+            model.AddHint(runs_on[s][k], stage is not None and stage.slot == k)
+        for d in range(device_count):
+            model.AddHint(on_device[s][d], stage is not None and int(tables.slot_device[stage.slot]) == d)
+        for u in range(unit_count):
+            model.AddHint(in_stage[u][s], stage is not None and stage.start <= u < stage.end)
+
+
+# --------------------------------------------------------------------------------------
+# The pass
+
+
+def _heuristic_orders(tables: CostTables) -> list[list[int]]:
+    """Device orders to seed CP-SAT: fleet order, fastest first, and largest memory first."""
+    device_count = len(tables.device_names)
+    speed = np.array([tables.compute_s[:, tables.slot_device == d].sum(axis=0).min()
+                      for d in range(device_count)])
+    orders = [list(range(device_count)), list(np.argsort(speed, kind="stable")),
+              list(np.argsort(-tables.device_memory_bytes, kind="stable"))]
+    unique = []
+    for order in orders:
+        order = [int(d) for d in order]
+        if order not in unique:
+            unique.append(order)
+    return unique
+
+
+def partition(tables: CostTables, objective: str = "bottleneck", *, time_limit_s: float = 10.0,
+              num_stages: int | None = None, workers: int = 2) -> PartitionResult:
+    """Plan stages with CP-SAT, seeded with the best DP plan over a few device orders."""
+    _check_objective(objective)
+    device_count = len(tables.device_names)
+    if num_stages is not None and not 1 <= num_stages <= min(device_count, len(tables.unit_names)):
+        raise PlanError(
+            f"partition: asked for {num_stages} stages, but the fleet has {device_count} devices and "
+            f"the model {len(tables.unit_names)} units; ask for 1..{min(device_count, len(tables.unit_names))} "
+            f"stages, add devices, or use --granularity layer for more units")
+    seeds = [r for r in (solve_dp(tables, order, objective, num_stages)
+                         for order in _heuristic_orders(tables)) if r is not None]
+    hint = min(seeds, key=lambda r: r.value_s).stages if seeds else None
+    result = solve_cpsat(tables, objective, time_limit_s=time_limit_s, num_stages=num_stages,
+                         hint=hint, workers=workers)
+    if result is None:
+        raise PlanError(diagnose_infeasible(tables, num_stages))
+    validate_assignment(tables, result.stages)
+    return result
+
+
+def diagnose_infeasible(tables: CostTables, num_stages: int | None = None) -> str:
+    """Say how many bytes are missing on which device, and what would help."""
+    need_units = tables.memory_sum_bytes + tables.memory_max_bytes
+    largest = int(np.argmax(tables.device_memory_bytes))
+    largest_memory = int(tables.device_memory_bytes[largest])
+    fixes = ("add devices or larger ones, use a smaller batch (activations scale with it), "
+             "compress boundary tensors, or merge shared layers")
+    worst_unit = int(np.argmax(need_units))
+    if need_units[worst_unit] > largest_memory:
+        return (f"partition: nothing fits: unit {tables.unit_names[worst_unit]!r} alone needs "
+                f"{int(need_units[worst_unit])} bytes but the largest device "
+                f"{tables.device_names[largest]!r} has {largest_memory}: "
+                f"{int(need_units[worst_unit]) - largest_memory} bytes short. Use a device with more "
+                f"memory, --granularity layer to split the unit, or a smaller batch")
+    # Greedy contiguous fill, largest device first: the overflow left on the last device is
+    # what that packing is short by.
+    order = list(np.argsort(-tables.device_memory_bytes, kind="stable"))
+    if num_stages is not None:
+        order = order[:num_stages]
+    start = 0
+    unit_count = len(tables.unit_names)
+    for position, device in enumerate(order):
+        budget = int(tables.device_memory_bytes[device])
+        end = start
+        if position == len(order) - 1:
+            end = unit_count
+        else:
+            while end < unit_count and tables.stage_memory(start, end + 1) <= budget:
+                end += 1
+        if end == unit_count:
+            need = tables.stage_memory(start, end) if end > start else 0
+            short = need - budget
+            total = int(tables.memory_sum_bytes.sum() + tables.memory_max_bytes.max())
+            return (f"partition: nothing fits: the model needs {total} bytes; filled largest device "
+                    f"first, the last device {tables.device_names[device]!r} would need {need} bytes "
+                    f"for units {tables.unit_names[start]}..{tables.unit_names[-1]} but has {budget}: "
+                    f"{short} bytes short. To fix: {fixes}")
+        start = end
+    return f"partition: nothing fits in {len(order)} stages. To fix: {fixes}"

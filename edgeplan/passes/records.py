@@ -1,0 +1,61 @@
+"""Frozen analysis records that passes store in `node.meta["edgeplan.*"]` and on GraphModules.
+
+Torch-free: records hold plain Python values (shapes as tuples, dtypes as numpy names).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# node.meta / gm.meta keys, one per record type.
+TENSOR_KEY = "edgeplan.tensor"
+COST_KEY = "edgeplan.cost"
+UNIT_KEY = "edgeplan.unit"
+ORIGIN_KEY = "edgeplan.origin"
+SIGNATURE_KEY = "edgeplan.signature"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, shape and dtype (numpy spelling, e.g. "float32") of one tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        from numpy import dtype, prod
+
+        return int(prod(self.shape, dtype="int64")) * dtype(self.dtype).itemsize
+
+
+@dataclass(frozen=True)
+class ModelSignature:
+    """Flat inputs and outputs of a captured model.
+
+    `outputs[i].name` is the user-facing output name (e.g. "logits"); `output_nodes[i]` is
+    the FX node that produces it.
+    """
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    output_nodes: tuple[str, ...]
+    on_meta: bool
+
+
+@dataclass(frozen=True)
+class OpCost:
+    """Static cost of one FX node.
+
+    kind: "matmul" | "conv" | "attention" | "norm" | "elementwise" | "reduce" | "embedding"
+    | "view" | "input" | "param" | "other". `bytes_moved` counts inputs, outputs and weights
+    read once (the memory-bound term of a roofline); `param_bytes` is set on weight nodes.
+    """
+
+    kind: str
+    flops: int
+    bytes_moved: int
+    output_bytes: int
+    param_bytes: int = 0

@@ -1,0 +1,245 @@
+"""Units: group the nodes of an annotated graph into partition units by module path.
+
+A unit is a contiguous run of compute nodes (graph order) that share a module-path key:
+with granularity "block" the key is the path up to the first ModuleList/Sequential index
+(`layers.3`, one transformer or residual block), other nodes keep their leaf module
+(`embed_tokens`, `norm`, `lm_head`); with "layer" one level deeper (`layers.3.self_attn`,
+`layers.3.mlp`). Runs without weights or heavy ops (masks, position ids, activations)
+join the unit before them (the first one joins the unit after it).
+
+Writes `node.meta["edgeplan.unit"]` (unit index) on every compute and weight node and
+returns the Unit records. Each unit knows the tensors that cross the cut after it: every
+tensor defined at or before its last node and used after it, so a cut inside a residual
+region passes (and pays for) the skip tensor too.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+
+from edgeplan.errors import CaptureError
+from edgeplan.passes.records import COST_KEY, TENSOR_KEY, UNIT_KEY, OpCost, TensorSpec
+
+GRANULARITIES = ("block", "layer")
+HEAVY_KINDS = frozenset({"matmul", "conv", "attention"})
+_INDEX = re.compile(r"^\d+$")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One partition unit: a contiguous run of FX nodes and its static costs.
+
+    param_bytes counts each distinct weight tensor the unit reads (a weight tied across
+    units is counted in each: conservative when both land on one device).
+    peak_activation_bytes is the most activation memory live at any node of the unit,
+    including tensors held for later units. cut_tensors / cut_bytes describe the cut
+    after this unit (empty for the last unit).
+    """
+
+    index: int
+    name: str
+    nodes: tuple[str, ...]
+    flops: int
+    bytes_moved: int
+    op_count: int
+    param_bytes: int
+    param_names: tuple[str, ...]
+    activation_bytes: int
+    peak_activation_bytes: int
+    cut_tensors: tuple[TensorSpec, ...]
+    cut_bytes: int
+
+
+def _module_path(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path, _type = list(stack.values())[-1]
+    # torch.export spells nested paths like "L['self'].layers[0]" in some versions.
+    return path
+
+
+def unit_key(path: str, granularity: str) -> str:
+    """The unit key of a module path at a granularity (see module docstring)."""
+    parts = [p for p in path.split(".") if p]
+    for i, part in enumerate(parts):
+        if _INDEX.match(part):
+            depth = i + 1 if granularity == "block" else i + 2
+            return ".".join(parts[:depth])
+    return ".".join(parts)
+
+
+def _runs(compute_nodes: list[torch.fx.Node], granularity: str) -> list[list[torch.fx.Node]]:
+    runs: list[list[torch.fx.Node]] = []
+    last_key = None
+    for node in compute_nodes:
+        key = unit_key(_module_path(node), granularity)
+        if runs and key == last_key:
+            runs[-1].append(node)
+        else:
+            runs.append([node])
+        last_key = key
+    return runs
+
+
+def _is_light(run: list[torch.fx.Node]) -> bool:
+    for node in run:
+        if node.meta[COST_KEY].kind in HEAVY_KINDS:
+            return False
+        if any(arg.op == "get_attr" for arg in node.all_input_nodes):
+            return False
+    return True
+
+
+def _merge_light_runs(runs: list[list[torch.fx.Node]]) -> list[list[torch.fx.Node]]:
+    merged: list[list[torch.fx.Node]] = []
+    pending: list[torch.fx.Node] = []  # light runs before the first heavy one
+    for run in runs:
+        if _is_light(run):
+            if merged:
+                merged[-1].extend(run)
+            else:
+                pending.extend(run)
+            continue
+        merged.append(pending + run)
+        pending = []
+    if pending:  # a graph with no weights at all: one unit
+        merged.append(pending)
+    return merged
+
+
+def _unique_name(key: str, seen: dict[str, int]) -> str:
+    base = key or "root"
+    count = seen.get(base, 0)
+    seen[base] = count + 1
+    return base if count == 0 else f"{base}#{count + 1}"
+
+
+def group_units(gm: torch.fx.GraphModule, granularity: str = "block") -> tuple[Unit, ...]:
+    """Group an annotated graph into Units and stamp `edgeplan.unit` on its nodes."""
+    if granularity not in GRANULARITIES:
+        raise CaptureError(
+            f"units: unknown granularity {granularity!r}; use one of {', '.join(GRANULARITIES)}"
+        )
+    nodes = list(gm.graph.nodes)
+    if any(COST_KEY not in n.meta for n in nodes):
+        raise CaptureError("units: graph is not annotated; run edgeplan.passes.annotate.annotate first")
+    compute = [n for n in nodes if n.op == "call_function"]
+    if not compute:
+        raise CaptureError("units: the captured graph has no operations to plan")
+    runs = _merge_light_runs(_runs(compute, granularity))
+
+    position = {n: i for i, n in enumerate(nodes)}
+    unit_of: dict[torch.fx.Node, int] = {}
+    for index, run in enumerate(runs):
+        for node in run:
+            unit_of[node] = index
+    for node in nodes:
+        if node.op == "get_attr" and node.users:
+            unit_of[node] = min(unit_of[user] for user in node.users)
+    for node, index in unit_of.items():
+        node.meta[UNIT_KEY] = index
+
+    live_bytes = _live_bytes_by_position(nodes, position)
+    seen: dict[str, int] = {}
+    units = []
+    for index, run in enumerate(runs):
+        last_position = position[run[-1]]
+        first_position = position[run[0]]
+        costs: list[OpCost] = [n.meta[COST_KEY] for n in run]
+        params = _unit_params(gm, run)
+        crossing = (_crossing(nodes, position, last_position)
+                    if index < len(runs) - 1 else ())
+        units.append(Unit(
+            index=index,
+            name=_unique_name(unit_key(_module_path(_heaviest(run)), granularity), seen),
+            nodes=tuple(n.name for n in run),
+            flops=sum(c.flops for c in costs),
+            bytes_moved=sum(c.bytes_moved for c in costs),
+            op_count=sum(1 for c in costs if c.kind != "view"),
+            param_bytes=sum(nbytes for _name, nbytes in params),
+            param_names=tuple(name for name, _ in params),
+            activation_bytes=sum(c.output_bytes for c in costs),
+            peak_activation_bytes=int(max(live_bytes[first_position:last_position + 1])),
+            cut_tensors=crossing,
+            cut_bytes=sum(t.nbytes for t in crossing),
+        ))
+    return tuple(units)
+
+
+def _heaviest(run: list[torch.fx.Node]) -> torch.fx.Node:
+    """The node whose module names the unit: the first one that reads weights."""
+    for node in run:
+        if any(arg.op == "get_attr" for arg in node.all_input_nodes):
+            return node
+    return run[0]
+
+
+def _unit_params(gm: torch.fx.GraphModule, run: list[torch.fx.Node]) -> list[tuple[str, int]]:
+    seen_tensors: set[int] = set()
+    params = []
+    for node in run:
+        for arg in node.all_input_nodes:
+            if arg.op != "get_attr":
+                continue
+            tensor = gm.get_parameter(arg.target) if _is_parameter(gm, arg.target) else None
+            identity = id(tensor) if tensor is not None else hash(arg.target)
+            if identity in seen_tensors:
+                continue
+            seen_tensors.add(identity)
+            params.append((arg.target, arg.meta[COST_KEY].param_bytes))
+    return params
+
+
+def _is_parameter(gm: torch.fx.GraphModule, target: str) -> bool:
+    try:
+        gm.get_parameter(target)
+    except AttributeError:
+        return False
+    return True
+
+
+def _crossing(nodes: list[torch.fx.Node], position: dict, cut_after: int) -> tuple[TensorSpec, ...]:
+    crossing = []
+    for node in nodes[: cut_after + 1]:
+        if node.op not in ("placeholder", "call_function"):
+            continue
+        if any(position[user] > cut_after for user in node.users):
+            spec = node.meta.get(TENSOR_KEY)
+            if spec is None:
+                raise CaptureError(
+                    f"units: the cut after node {node.name!r} would pass a non-tensor value; "
+                    f"use a coarser granularity"
+                )
+            crossing.append(spec)
+    return tuple(crossing)
+
+
+def _live_bytes_by_position(nodes: list[torch.fx.Node], position: dict) -> list[int]:
+    """Activation bytes live at each node position (views alias their base, weights excluded)."""
+    end = len(nodes)
+    last_use = {n: max((position[u] for u in n.users), default=position[n]) for n in nodes}
+    for node in reversed(nodes):  # a view keeps its base alive as long as itself
+        if node.op == "call_function" and node.meta[COST_KEY].kind == "view":
+            for base in node.all_input_nodes:
+                last_use[base] = max(last_use[base], last_use[node])
+    delta = [0] * (end + 1)
+    for node in nodes:
+        if node.op == "placeholder":
+            nbytes = node.meta[COST_KEY].output_bytes
+        elif node.op == "call_function":
+            nbytes = node.meta[COST_KEY].output_bytes
+        else:
+            continue
+        if nbytes:
+            delta[position[node]] += nbytes
+            delta[last_use[node] + 1] -= nbytes
+    live, running = [], 0
+    for i in range(end):
+        running += delta[i]
+        live.append(running)
+    return live

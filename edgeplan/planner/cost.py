@@ -1,0 +1,198 @@
+"""Cost model: units x fleet -> CostTables, the numpy arrays the partition solver reads.
+
+The interface is `CostModel.costs(units, fleet, mode) -> CostTables`. The default,
+`RooflineCostModel`, predicts a unit's time on a backend as
+    max(flops / (peak * efficiency), bytes_moved / bandwidth) + op_count * op_overhead
+and a link's time as latency + bytes / bandwidth. A learned predictor replaces it by
+returning the same tables.
+
+Memory per unit has two parts, because a stage holds all of its weights but only one
+unit's activations at a time:
+    stage memory = sum(memory_sum_bytes[units]) + max(memory_max_bytes[units])
+Inference: sum = weights, max = peak live activations.
+Training: sum = weights x 4 (weights, gradients, two Adam moments) + saved activations x
+in-flight microbatches; max = peak live activations.
+
+Torch-free: units are read through their plain attributes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from edgeplan.planner.fleet import Fleet
+
+MODES = ("inference", "training")
+# Adam keeps two moments per weight, plus the gradient and the weight itself.
+TRAINING_BYTES_PER_WEIGHT_BYTE = 4
+
+
+class UnitLike(Protocol):
+    name: str
+    flops: int
+    bytes_moved: int
+    op_count: int
+    param_bytes: int
+    activation_bytes: int
+    peak_activation_bytes: int
+    cut_bytes: int
+
+
+@dataclass(frozen=True, eq=False)
+class CostTables:
+    """Arrays the solver reads; U units, K slots (device, backend), D devices.
+
+    compute_s[U, K]         seconds of unit u on slot k
+    memory_sum_bytes[U]     bytes that add up within a stage (weights, saved activations)
+    memory_max_bytes[U]     bytes of which a stage needs only the largest (live activations)
+    cut_bytes[U-1]          bytes crossing the cut after unit u
+    device_memory_bytes[D]  memory budget of each device
+    link_latency_s[D, D]    link latency between devices (diagonal 0)
+    link_bandwidth[D, D]    link bandwidth in bytes/s (diagonal inf)
+    slot_device[K]          device index of each slot
+    """
+
+    unit_names: tuple[str, ...]
+    device_names: tuple[str, ...]
+    slots: tuple[tuple[str, str], ...]
+    compute_s: np.ndarray
+    memory_sum_bytes: np.ndarray
+    memory_max_bytes: np.ndarray
+    cut_bytes: np.ndarray
+    device_memory_bytes: np.ndarray
+    link_latency_s: np.ndarray
+    link_bandwidth: np.ndarray
+    slot_device: np.ndarray
+    model: str = "roofline"
+    guessed_units: tuple[str, ...] = field(default=())
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, CostTables):
+            return NotImplemented
+        return all(
+            np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b
+            for a, b in zip(self._values(), other._values())
+        )
+
+    __hash__ = None
+
+    def _values(self):
+        return [getattr(self, name) for name in self.__dataclass_fields__]
+
+    def link_s(self, device_a: int, device_b: int, nbytes: float) -> float:
+        """Seconds to move nbytes from device a to device b (0 when nothing crosses)."""
+        if device_a == device_b or nbytes <= 0:
+            return 0.0
+        return float(self.link_latency_s[device_a, device_b]
+                     + nbytes / self.link_bandwidth[device_a, device_b])
+
+    def stage_memory(self, start: int, end: int) -> int:
+        """Bytes a stage holding units [start, end) needs."""
+        return int(self.memory_sum_bytes[start:end].sum() + self.memory_max_bytes[start:end].max())
+
+    def to_dict(self) -> dict:
+        out = {}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if isinstance(value, np.ndarray):
+                # JSON has no inf: a same-device link is marked with 0 bandwidth instead.
+                value = np.where(np.isinf(value), 0, value) if value.dtype.kind == "f" else value
+                value = value.tolist()
+            elif isinstance(value, tuple):
+                value = [list(v) if isinstance(v, tuple) else v for v in value]
+            out[name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CostTables":
+        bandwidth = np.asarray(data["link_bandwidth"], dtype=float)
+        bandwidth = np.where(bandwidth == 0, np.inf, bandwidth)
+        return cls(
+            unit_names=tuple(data["unit_names"]),
+            device_names=tuple(data["device_names"]),
+            slots=tuple(tuple(s) for s in data["slots"]),
+            compute_s=np.asarray(data["compute_s"], dtype=float).reshape(
+                len(data["unit_names"]), len(data["slots"])),
+            memory_sum_bytes=np.asarray(data["memory_sum_bytes"], dtype=np.int64),
+            memory_max_bytes=np.asarray(data["memory_max_bytes"], dtype=np.int64),
+            cut_bytes=np.asarray(data["cut_bytes"], dtype=np.int64),
+            device_memory_bytes=np.asarray(data["device_memory_bytes"], dtype=np.int64),
+            link_latency_s=np.asarray(data["link_latency_s"], dtype=float),
+            link_bandwidth=bandwidth,
+            slot_device=np.asarray(data["slot_device"], dtype=np.int64),
+            model=data.get("model", "roofline"),
+            guessed_units=tuple(data.get("guessed_units", ())),
+        )
+
+
+class CostModel(Protocol):
+    def costs(self, units: Sequence[UnitLike], fleet: Fleet, mode: str = "inference",
+              in_flight_microbatches: int = 1) -> CostTables: ...
+
+
+def fleet_arrays(fleet: Fleet) -> dict:
+    """The fleet part of the cost tables: device memory, links, slots."""
+    names = tuple(d.name for d in fleet.devices)
+    count = len(names)
+    latency = np.zeros((count, count))
+    bandwidth = np.full((count, count), np.inf)
+    for i, a in enumerate(names):
+        for j, b in enumerate(names):
+            if i != j:
+                link = fleet.link(a, b)
+                latency[i, j] = link.latency_s
+                bandwidth[i, j] = link.bandwidth_bytes_s
+    slots = tuple(fleet.slots())
+    return dict(
+        device_names=names,
+        slots=slots,
+        device_memory_bytes=np.array([d.memory_bytes for d in fleet.devices], dtype=np.int64),
+        link_latency_s=latency,
+        link_bandwidth=bandwidth,
+        slot_device=np.array([names.index(dev) for dev, _ in slots], dtype=np.int64),
+    )
+
+
+def unit_memory(units: Sequence[UnitLike], mode: str, in_flight_microbatches: int) -> tuple[np.ndarray, np.ndarray]:
+    """(memory_sum_bytes, memory_max_bytes) per unit for a mode (see module docstring)."""
+    if mode not in MODES:
+        raise ValueError(f"cost: unknown mode {mode!r}; use one of {', '.join(MODES)}")
+    weights = np.array([u.param_bytes for u in units], dtype=np.int64)
+    peak = np.array([u.peak_activation_bytes for u in units], dtype=np.int64)
+    if mode == "inference":
+        return weights, peak
+    saved = np.array([u.activation_bytes for u in units], dtype=np.int64)
+    return weights * TRAINING_BYTES_PER_WEIGHT_BYTE + saved * in_flight_microbatches, peak
+
+
+@dataclass(frozen=True)
+class RooflineCostModel:
+    """Roofline latency per unit and backend, plus a fixed overhead per operator."""
+
+    def costs(self, units, fleet, mode="inference", in_flight_microbatches=1) -> CostTables:
+        arrays = fleet_arrays(fleet)
+        flops = np.array([u.flops for u in units], dtype=float)
+        moved = np.array([u.bytes_moved for u in units], dtype=float)
+        ops = np.array([u.op_count for u in units], dtype=float)
+        compute = np.empty((len(units), len(arrays["slots"])))
+        for k, (device_name, backend_name) in enumerate(arrays["slots"]):
+            backend = fleet.device(device_name).backend(backend_name)
+            compute_bound = flops / (backend.peak_gflops * 1e9 * backend.efficiency)
+            memory_bound = moved / (backend.mem_bandwidth_gbs * 1e9)
+            compute[:, k] = np.maximum(compute_bound, memory_bound) + ops * backend.op_overhead_us * 1e-6
+        if mode == "training":
+            compute *= 3.0  # backward costs about twice the forward
+        memory_sum, memory_max = unit_memory(units, mode, in_flight_microbatches)
+        return CostTables(
+            unit_names=tuple(u.name for u in units),
+            compute_s=compute,
+            memory_sum_bytes=memory_sum,
+            memory_max_bytes=memory_max,
+            cut_bytes=np.array([u.cut_bytes for u in units[:-1]], dtype=np.int64),
+            model="roofline",
+            **arrays,
+        )

@@ -1,0 +1,184 @@
+"""Partition solver: CP-SAT against the exact DP and brute force on seeded random instances."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from edgeplan.errors import PlanError
+from edgeplan.passes.partition import (
+    StageAssignment,
+    evaluate,
+    partition,
+    solve_cpsat,
+    solve_dp,
+    validate_assignment,
+)
+from edgeplan.planner.cost import CostTables
+
+
+def random_tables(seed: int, max_units: int = 8, max_devices: int = 4, tight: bool = False) -> CostTables:
+    rng = np.random.default_rng(seed)
+    unit_count = int(rng.integers(1, max_units + 1))
+    device_count = int(rng.integers(1, max_devices + 1))
+    slots, slot_device = [], []
+    for d in range(device_count):
+        for b in range(int(rng.integers(1, 3))):
+            slots.append((f"dev{d}", f"b{b}"))
+            slot_device.append(d)
+    speed = rng.uniform(0.2, 5.0, size=len(slots))
+    work = rng.uniform(1e-3, 2e-2, size=unit_count)
+    compute = work[:, None] / speed[None, :]
+    weights = rng.integers(1, 100, size=unit_count) * 1_000_000
+    peak = rng.integers(1, 20, size=unit_count) * 1_000_000
+    total = int(weights.sum() + peak.max())
+    low, high = (0.2, 0.7) if tight else (0.4, 1.5)
+    memory = (rng.uniform(low, high, size=device_count) * total).astype(np.int64)
+    bandwidth = rng.uniform(5e7, 1e9, size=(device_count, device_count))
+    bandwidth = np.triu(bandwidth, 1) + np.triu(bandwidth, 1).T
+    np.fill_diagonal(bandwidth, np.inf)
+    latency = rng.uniform(1e-4, 5e-3, size=(device_count, device_count))
+    latency = np.triu(latency, 1) + np.triu(latency, 1).T
+    np.fill_diagonal(latency, 0.0)
+    return CostTables(
+        unit_names=tuple(f"u{i}" for i in range(unit_count)),
+        device_names=tuple(f"dev{d}" for d in range(device_count)),
+        slots=tuple(slots),
+        compute_s=compute,
+        memory_sum_bytes=weights.astype(np.int64),
+        memory_max_bytes=peak.astype(np.int64),
+        cut_bytes=rng.integers(1, 50, size=max(unit_count - 1, 0)) * 1_000_000,
+        device_memory_bytes=memory,
+        link_latency_s=latency,
+        link_bandwidth=bandwidth,
+        slot_device=np.array(slot_device),
+    )
+
+
+def tolerance(tables: CostTables) -> float:
+    # CP-SAT works on times rounded to 1e-6 of the largest value: allow that per term.
+    worst = float(tables.compute_s.max(axis=1).sum()) * 4
+    return 1e-5 * worst * (len(tables.unit_names) + 2)
+
+
+def brute_force(tables: CostTables, objective: str) -> float | None:
+    """Optimum over every device order, by the DP on each permutation."""
+    values = []
+    for order in itertools.permutations(range(len(tables.device_names))):
+        result = solve_dp(tables, order, objective)
+        if result is not None:
+            values.append(result.value_s)
+    return min(values) if values else None
+
+
+@pytest.mark.parametrize("objective", ["bottleneck", "latency"])
+def test_cpsat_matches_dp_on_fixed_order(objective):
+    agreed = infeasible = 0
+    for seed in range(300):
+        tables = random_tables(seed, tight=seed % 5 == 0)
+        order = list(np.random.default_rng(seed + 1000).permutation(len(tables.device_names)))
+        dp = solve_dp(tables, order, objective)
+        cp = solve_cpsat(tables, objective, device_order=order, time_limit_s=20, workers=1)
+        if dp is None:
+            assert cp is None, f"seed {seed}: DP says infeasible, CP-SAT found {cp}"
+            infeasible += 1
+            continue
+        assert cp is not None and cp.status == "OPTIMAL", f"seed {seed}"
+        validate_assignment(tables, cp.stages)
+        assert abs(cp.value_s - dp.value_s) <= tolerance(tables), (seed, cp, dp)
+        agreed += 1
+    assert agreed >= 200 and infeasible >= 1  # both kinds of instance were exercised
+
+
+@pytest.mark.parametrize("objective", ["bottleneck", "latency"])
+def test_cpsat_free_order_matches_brute_force(objective):
+    for seed in range(40):
+        tables = random_tables(seed + 500, max_units=6, max_devices=4)
+        expected = brute_force(tables, objective)
+        result = solve_cpsat(tables, objective, time_limit_s=20, workers=1)
+        if expected is None:
+            assert result is None
+            continue
+        assert result.status == "OPTIMAL"
+        assert abs(result.value_s - expected) <= tolerance(tables), seed
+        assert result.gap == 0.0 and result.bound_s <= result.value_s + 1e-12
+
+
+def test_planned_memory_never_exceeds_budget():
+    for seed in range(60):
+        tables = random_tables(seed + 2000, tight=True)
+        try:
+            result = partition(tables, time_limit_s=10)
+        except PlanError as error:
+            assert "bytes short" in str(error) or "nothing fits" in str(error)
+            continue
+        costs = evaluate(tables, result.stages)
+        for stage, memory in zip(result.stages, costs.memory_bytes):
+            assert memory <= tables.device_memory_bytes[tables.slot_device[stage.slot]]
+
+
+def test_num_stages_is_exact():
+    tables = random_tables(7, max_units=8, max_devices=4)
+    for count in range(1, min(len(tables.unit_names), len(tables.device_names)) + 1):
+        result = solve_cpsat(tables, num_stages=count, time_limit_s=10, workers=1)
+        dp_best = min((r.value_s for order in itertools.permutations(range(len(tables.device_names)))
+                       if (r := solve_dp(tables, order, num_stages=count)) is not None), default=None)
+        if dp_best is None:
+            assert result is None
+            continue
+        assert len(result.stages) == count
+        assert abs(result.value_s - dp_best) <= tolerance(tables)
+
+
+def hand_tables(memory=(20_000_000, 20_000_000)) -> CostTables:
+    """Four units, two devices: device 1 is twice as fast; the link is slow."""
+    return CostTables(
+        unit_names=("embed", "block0", "block1", "head"),
+        device_names=("slow", "fast"),
+        slots=(("slow", "cpu"), ("fast", "gpu")),
+        compute_s=np.array([[0.002, 0.001], [0.010, 0.005], [0.010, 0.005], [0.004, 0.002]]),
+        memory_sum_bytes=np.array([2, 3, 3, 2]) * 1_000_000,
+        memory_max_bytes=np.array([1, 1, 1, 1]) * 1_000_000,
+        cut_bytes=np.array([1_000_000, 1_000_000, 1_000_000]),
+        device_memory_bytes=np.array(memory, dtype=np.int64),
+        link_latency_s=np.array([[0.0, 0.001], [0.001, 0.0]]),
+        link_bandwidth=np.array([[np.inf, 1e9], [1e9, np.inf]]),
+        slot_device=np.array([0, 1]),
+    )
+
+
+def test_hand_instance_numbers():
+    tables = hand_tables()
+    result = partition(tables, time_limit_s=5)
+    # One stage on the fast device: 13 ms. Slow first: [embed, block0 | block1, head] gives
+    # max(12, 2, 7) = 12 ms. Fast first: [embed..block1 | head] gives max(11, 2, 4) = 11 ms.
+    assert result.stages == (StageAssignment(1, 0, 3), StageAssignment(0, 3, 4))
+    assert result.value_s == pytest.approx(0.011)
+    latency = partition(tables, "latency", time_limit_s=5)
+    assert latency.stages == (StageAssignment(1, 0, 4),)
+    assert latency.value_s == pytest.approx(0.013)
+
+
+def test_infeasible_names_device_and_bytes():
+    tables = hand_tables(memory=(6_000_000, 5_000_000))
+    with pytest.raises(PlanError, match=r"bytes short") as info:
+        partition(tables, time_limit_s=5)
+    message = str(info.value)
+    assert "'slow'" in message or "'fast'" in message
+    assert "add devices" in message
+
+
+def test_unit_too_large_for_any_device():
+    tables = hand_tables(memory=(3_000_000, 3_500_000))
+    with pytest.raises(PlanError, match=r"unit 'block0' alone needs 4000000 bytes .* 500000 bytes short"):
+        partition(tables, time_limit_s=5)
+
+
+def test_validate_rejects_shared_device_and_gaps():
+    tables = hand_tables()
+    with pytest.raises(PlanError, match="constraint d"):
+        validate_assignment(tables, [StageAssignment(0, 0, 2), StageAssignment(0, 2, 4)])
+    with pytest.raises(PlanError, match="constraint b"):
+        validate_assignment(tables, [StageAssignment(0, 0, 1), StageAssignment(1, 2, 4)])
+    with pytest.raises(PlanError, match="constraint a"):
+        validate_assignment(tables, [StageAssignment(0, 0, 2)])
