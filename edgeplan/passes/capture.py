@@ -110,8 +110,9 @@ def capture(model: torch.nn.Module, example_inputs, name: str | None = None) -> 
 
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     input_specs = tuple(
-        TensorSpec(ph.name, tuple(int(d) for d in val.shape), numpy_dtype_name(val.dtype))
-        for ph, val in zip(placeholders, flat_inputs)
+        TensorSpec(ph.name, tuple(int(d) for d in ph.meta["val"].shape),
+                   numpy_dtype_name(ph.meta["val"].dtype))
+        for ph in placeholders
     )
     output_specs = []
     for out_name, node in zip(_output_names(exported.call_spec.out_spec), flat_outputs):
@@ -133,6 +134,14 @@ def capture(model: torch.nn.Module, example_inputs, name: str | None = None) -> 
         on_meta=_is_on_meta(model, flat_inputs),
     )
     return gm
+
+
+def bind_inputs(signature: ModelSignature, example_inputs) -> dict[str, torch.Tensor]:
+    """Example inputs keyed by the graph's input names: keyword inputs by name, the rest in order."""
+    args, kwargs = _split_example_inputs(example_inputs)
+    positional = iter(pytree.tree_leaves(args))
+    return {spec.name: kwargs[spec.name] if spec.name in kwargs else next(positional)
+            for spec in signature.inputs}
 
 
 def signature_of(gm: torch.fx.GraphModule) -> ModelSignature:

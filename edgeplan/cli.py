@@ -1,0 +1,181 @@
+"""The `edgeplan` command: compile, inspect, run, fleets.
+
+    edgeplan compile examples/gpt.py:build --fleet home-lab -o out/gpt
+    edgeplan inspect out/gpt [--json]
+    edgeplan run out/gpt --inputs x.npz [-o outputs.npz]
+    edgeplan fleets [NAME]
+
+Errors edgeplan raises on bad input print as one line (`edgeplan: error: ...`), exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+from edgeplan.errors import EdgeplanError
+
+EXIT_USAGE = 2
+
+
+def load_factory(spec: str):
+    """FILE_OR_MODULE:FACTORY -> the factory callable."""
+    if ":" not in spec:
+        raise EdgeplanError(f"model {spec!r}: expected FILE_OR_MODULE:FACTORY, e.g. examples/gpt.py:build")
+    source, _, attribute = spec.rpartition(":")
+    path = Path(source)
+    if source.endswith(".py") or path.exists():
+        if not path.is_file():
+            raise EdgeplanError(f"model {spec!r}: no file {source}")
+        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.path.insert(0, str(path.resolve().parent))  # let the file import its neighbours
+        try:
+            module_spec.loader.exec_module(module)
+        finally:
+            sys.path.remove(str(path.resolve().parent))
+    else:
+        try:
+            module = importlib.import_module(source)
+        except ImportError as exc:
+            raise EdgeplanError(f"model {spec!r}: cannot import {source}: {exc}") from None
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        raise EdgeplanError(f"model {spec!r}: {source} has no callable {attribute!r}")
+    return factory
+
+
+def cmd_compile(args) -> int:
+    import edgeplan
+
+    factory = load_factory(args.model)
+    built = factory()
+    if not (isinstance(built, tuple) and len(built) == 2):
+        raise EdgeplanError(f"model {args.model!r}: the factory must return (model, example_inputs)")
+    model, example_inputs = built
+    out_dir = Path(args.output)
+    plan = edgeplan.compile(
+        model, example_inputs, fleet=args.fleet, out_dir=None if args.plan_only else out_dir,
+        objective=args.objective, mode=args.mode, granularity=args.granularity,
+        num_stages=args.stages, time_limit_s=args.time_limit, plan_from=args.plan_from,
+        name=args.model.rpartition(":")[0].rpartition("/")[2].removesuffix(".py") or None,
+    )
+    if args.plan_only:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        plan.to_json(out_dir / "plan.json")
+    from edgeplan.planner.report import format_plan
+
+    print(format_plan(plan))
+    print(f"\nwrote {out_dir}/" + ("plan.json" if args.plan_only else "plan.json, manifest.json, "
+                                 + ", ".join(f"stage_{s.index}.onnx" for s in plan.stages)))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from edgeplan.planner.plan import Plan
+    from edgeplan.planner.report import format_plan
+    from edgeplan.runtime.manifest import MANIFEST_FILE, read_manifest
+
+    plan = Plan.from_json(args.directory)
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=1))
+        return 0
+    directory = Path(args.directory)
+    manifest = (read_manifest(directory, verify=False)
+                if directory.is_dir() and (directory / MANIFEST_FILE).is_file() else None)
+    print(format_plan(plan, manifest))
+    return 0
+
+
+def cmd_run(args) -> int:
+    import numpy as np
+
+    from edgeplan.runtime import load
+
+    pipe = load(args.directory)
+    try:
+        with np.load(args.inputs) as archive:
+            inputs = {name: archive[name] for name in archive.files}
+    except FileNotFoundError:
+        raise EdgeplanError(f"inputs {args.inputs}: no such file") from None
+    except (OSError, ValueError) as exc:
+        raise EdgeplanError(f"inputs {args.inputs}: not a .npz archive ({exc}); write one with "
+                            f"numpy.savez(path, {pipe.input_names[0]}=array)") from None
+    outputs = pipe.run(inputs)
+    output_path = Path(args.output or Path(args.directory) / "outputs.npz")
+    np.savez(output_path, **outputs)
+    stats = pipe.last_stats
+    shapes = ", ".join(f"{k} {list(v.shape)} {v.dtype}" for k, v in outputs.items())
+    print(f"ran {stats.microbatches} microbatch(es) through {len(pipe.sessions)} stage(s) in "
+          f"{stats.wall_s * 1e3:.1f} ms; stage busy ms/microbatch: "
+          f"{', '.join(f'{t * 1e3:.2f}' for t in stats.stage_mean_s)}")
+    print(f"wrote {output_path}: {shapes}")
+    return 0
+
+
+def cmd_fleets(args) -> int:
+    from edgeplan.planner.fleet import list_fleets, list_presets, load_fleet
+
+    if args.name:
+        fleet = load_fleet(args.name)
+        print(json.dumps(fleet.to_dict(), indent=1))
+        return 0
+    print("fleets:")
+    for name, text in list_fleets().items():
+        print(f"  {name:<16} {text}")
+    print("devices:")
+    for name, text in list_presets().items():
+        print(f"  {name:<26} {text}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgeplan", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    compile_parser = sub.add_parser("compile", help="plan a model onto a fleet and emit ONNX stages")
+    compile_parser.add_argument("model", help="FILE_OR_MODULE:FACTORY returning (model, example_inputs)")
+    compile_parser.add_argument("--fleet", default="home-lab", help="preset name or fleet .toml (default home-lab)")
+    compile_parser.add_argument("-o", "--output", required=True, help="output directory")
+    compile_parser.add_argument("--objective", choices=["bottleneck", "latency"], default="bottleneck")
+    compile_parser.add_argument("--mode", choices=["inference", "training"], default="inference")
+    compile_parser.add_argument("--granularity", choices=["block", "layer"], default="block")
+    compile_parser.add_argument("--stages", type=int, default=None, help="exact number of stages")
+    compile_parser.add_argument("--time-limit", type=float, default=10.0, help="solver seconds (default 10)")
+    compile_parser.add_argument("--plan-from", default=None, help="replay this plan.json instead of solving")
+    compile_parser.add_argument("--plan-only", action="store_true", help="write plan.json only (works on meta models)")
+    compile_parser.set_defaults(handler=cmd_compile)
+
+    inspect_parser = sub.add_parser("inspect", help="show a compiled plan")
+    inspect_parser.add_argument("directory", help="compile output directory or plan.json")
+    inspect_parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    inspect_parser.set_defaults(handler=cmd_inspect)
+
+    run_parser = sub.add_parser("run", help="run compiled stages on inputs from a .npz")
+    run_parser.add_argument("directory")
+    run_parser.add_argument("--inputs", required=True, help=".npz with one array per model input")
+    run_parser.add_argument("-o", "--output", default=None, help="outputs .npz (default DIR/outputs.npz)")
+    run_parser.set_defaults(handler=cmd_run)
+
+    fleets_parser = sub.add_parser("fleets", help="list fleet and device presets, or show one fleet")
+    fleets_parser.add_argument("name", nargs="?")
+    fleets_parser.set_defaults(handler=cmd_fleets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except EdgeplanError as exc:
+        print(f"edgeplan: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

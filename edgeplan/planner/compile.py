@@ -1,0 +1,314 @@
+"""The compile driver: a flat pipeline of passes from a PyTorch model to a plan and artifacts.
+
+    capture -> annotate -> units -> costs -> partition (or a given plan) -> place heads
+    -> compression -> plan -> emit
+
+Each step takes the `Compilation` state and returns a new one. Passes that are not built
+yet (head placement, boundary compression) are no-op entries, so adding one changes a
+single line of `PASSES`, never the control flow around it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from edgeplan.errors import ArtifactError, PlanError
+from edgeplan.passes.annotate import annotate
+from edgeplan.passes.capture import bind_inputs, capture, numpy_dtype_name, signature_of
+from edgeplan.passes.partition import (
+    PartitionResult,
+    StageAssignment,
+    evaluate,
+    partition,
+    validate_assignment,
+)
+from edgeplan.passes.records import ModelSignature
+from edgeplan.passes.split import split_stages
+from edgeplan.passes.units import Unit, group_units
+from edgeplan.planner.cost import CostModel, CostTables, RooflineCostModel
+from edgeplan.planner.fleet import Fleet, load_fleet
+from edgeplan.planner.plan import PLAN_FILE, Boundary, Plan, SolverReport, Stage, UnitInfo
+from edgeplan.runtime.manifest import (
+    Manifest,
+    OutputEntry,
+    StageEntry,
+    TensorEntry,
+    write_manifest,
+)
+from edgeplan.runtime.session import StageSession
+from edgeplan.targets.onnx import OnnxTarget
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """Everything a user can choose; defaults give a bottleneck-optimal inference plan."""
+
+    objective: str = "bottleneck"
+    mode: str = "inference"
+    granularity: str = "block"
+    num_stages: int | None = None
+    time_limit_s: float = 10.0
+    plan_from: str | Path | Plan | None = None
+    in_flight_microbatches: int | None = None
+    cost_model: CostModel = field(default_factory=RooflineCostModel)
+    name: str | None = None
+    verify: bool = True
+
+
+@dataclass(frozen=True)
+class Compilation:
+    """State passed along the pipeline; each pass fills in its part."""
+
+    model: torch.nn.Module
+    example_inputs: object
+    fleet: Fleet
+    options: CompileOptions
+    out_dir: Path | None
+    graph: torch.fx.GraphModule | None = None
+    units: tuple[Unit, ...] = ()
+    tables: CostTables | None = None
+    result: PartitionResult | None = None
+    plan: Plan | None = None
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def signature(self) -> ModelSignature:
+        return signature_of(self.graph)
+
+
+def capture_pass(c: Compilation) -> Compilation:
+    return dataclasses.replace(c, graph=capture(c.model, c.example_inputs, c.options.name))
+
+
+def annotate_pass(c: Compilation) -> Compilation:
+    return dataclasses.replace(c, graph=annotate(c.graph))
+
+
+def _given_plan(c: Compilation) -> Plan | None:
+    given = c.options.plan_from
+    if given is None or isinstance(given, Plan):
+        return given
+    return Plan.from_json(given)
+
+
+def units_pass(c: Compilation) -> Compilation:
+    given = _given_plan(c)
+    granularity = given.granularity if given else c.options.granularity
+    return dataclasses.replace(c, units=group_units(c.graph, granularity))
+
+
+def cost_pass(c: Compilation) -> Compilation:
+    given = _given_plan(c)
+    mode = given.mode if given else c.options.mode
+    in_flight = c.options.in_flight_microbatches or len(c.fleet.devices)
+    tables = c.options.cost_model.costs(c.units, c.fleet, mode, in_flight)
+    return dataclasses.replace(c, tables=tables)
+
+
+def partition_pass(c: Compilation) -> Compilation:
+    given = _given_plan(c)
+    if given is not None:
+        return dataclasses.replace(c, result=_replay(c, given))
+    result = partition(c.tables, c.options.objective, time_limit_s=c.options.time_limit_s,
+                       num_stages=c.options.num_stages)
+    return dataclasses.replace(c, result=result)
+
+
+def _replay(c: Compilation, given: Plan) -> PartitionResult:
+    """Check a given plan against this model and fleet, and re-cost its stages."""
+    names = tuple(u.name for u in c.units)
+    planned = tuple(u.name for u in given.units)
+    if planned != names:
+        differ = next((i for i, (a, b) in enumerate(zip(planned, names)) if a != b), min(len(planned), len(names)))
+        raise PlanError(
+            f"given plan: it was made for {len(planned)} units, this model has {len(names)} "
+            f"(granularity {given.granularity!r}); first difference at unit {differ} "
+            f"({planned[differ] if differ < len(planned) else '-'} vs "
+            f"{names[differ] if differ < len(names) else '-'}): recompile without --plan-from")
+    stages = []
+    for stage in given.stages:
+        try:
+            slot = c.tables.slots.index((stage.device, stage.backend))
+        except ValueError:
+            raise PlanError(
+                f"given plan: stage {stage.index} runs on {stage.device}/{stage.backend}, which the "
+                f"fleet {c.fleet.name!r} does not have; known: "
+                f"{', '.join('/'.join(s) for s in c.tables.slots)}") from None
+        stages.append(StageAssignment(slot, stage.unit_start, stage.unit_end))
+    validate_assignment(c.tables, stages)
+    value = evaluate(c.tables, stages).value(given.solver.objective)
+    return PartitionResult(tuple(stages), given.solver.objective, value, value, 0.0, "GIVEN",
+                           "plan-from", 0.0)
+
+
+def place_heads_pass(c: Compilation) -> Compilation:
+    """Head-to-backend placement: not built yet, so stages keep one backend each."""
+    return c
+
+
+def compress_pass(c: Compilation) -> Compilation:
+    """Boundary compression: not built yet, so every boundary is sent raw."""
+    return c
+
+
+def plan_pass(c: Compilation) -> Compilation:
+    tables, result, units = c.tables, c.result, c.units
+    costs = evaluate(tables, result.stages)
+    stages = []
+    for i, assignment in enumerate(result.stages):
+        device, backend = tables.slots[assignment.slot]
+        last = units[assignment.end - 1]
+        boundary = None
+        if i + 1 < len(result.stages):
+            boundary = Boundary(tensors=last.cut_tensors, nbytes=last.cut_bytes, link_s=costs.link_s[i])
+        stages.append(Stage(
+            index=i, device=device, backend=backend,
+            unit_start=assignment.start, unit_end=assignment.end,
+            units=tuple(u.name for u in units[assignment.start:assignment.end]),
+            param_bytes=int(sum(u.param_bytes for u in units[assignment.start:assignment.end])),
+            memory_bytes=costs.memory_bytes[i],
+            memory_budget_bytes=int(tables.device_memory_bytes[tables.slot_device[assignment.slot]]),
+            compute_s=costs.compute_s[i],
+            boundary=boundary,
+        ))
+    signature = c.signature
+    plan = Plan(
+        model=signature.name,
+        mode=c.options.mode if c.options.plan_from is None else _given_plan(c).mode,
+        granularity=c.options.granularity if c.options.plan_from is None else _given_plan(c).granularity,
+        inputs=signature.inputs,
+        outputs=signature.outputs,
+        fleet=c.fleet.to_dict(),
+        units=tuple(UnitInfo(u.name, u.flops, u.param_bytes, u.peak_activation_bytes, u.cut_bytes)
+                    for u in units),
+        stages=tuple(stages),
+        solver=SolverReport(result.solver, result.status, result.objective, result.value_s,
+                            result.bound_s, result.gap, result.solve_time_s, c.options.time_limit_s),
+        costs=tables,
+        bottleneck_s=costs.bottleneck_s,
+        latency_s=costs.latency_s,
+    )
+    return dataclasses.replace(c, plan=plan)
+
+
+def emit_pass(c: Compilation) -> Compilation:
+    """Write plan.json, and per-stage ONNX artifacts plus manifest.json (skipped without out_dir)."""
+    if c.out_dir is None:
+        return c
+    if c.signature.on_meta:
+        raise ArtifactError(
+            "emit: the model's weights are on the meta device, so there is nothing to write into "
+            "artifacts; build the model with real weights to emit, or plan only "
+            "(edgeplan.compile(..., out_dir=None) / `edgeplan compile --plan-only`)")
+    c.out_dir.mkdir(parents=True, exist_ok=True)
+    c.plan.to_json(c.out_dir / PLAN_FILE)
+    write_manifest(emit_onnx(c.graph, c.plan, c.units, c.fleet, c.example_inputs, c.out_dir,
+                             verify=c.options.verify), c.out_dir)
+    return c
+
+
+def emit_onnx(gm, plan: Plan, units, fleet: Fleet, example_inputs, out_dir: Path,
+              verify: bool = True) -> Manifest:
+    """Split the graph by the plan, export every stage, and (with verify) check each against torch."""
+    stage_of_unit = [0] * len(units)
+    for stage in plan.stages:
+        for u in range(stage.unit_start, stage.unit_end):
+            stage_of_unit[u] = stage.index
+    stage_graphs = split_stages(gm, stage_of_unit)
+    signature = signature_of(gm)
+    env = bind_inputs(signature, example_inputs)
+    target = OnnxTarget()
+    entries = []
+    for stage, stage_graph in zip(plan.stages, stage_graphs):
+        args = tuple(env[name] for name in stage_graph.inputs)
+        with torch.no_grad():
+            produced = stage_graph.module(*args)
+        produced = produced if isinstance(produced, (tuple, list)) else (produced,)
+        env.update(zip(stage_graph.outputs, produced))
+        forward = (tuple(t.name for t in stage.boundary.tensors) if stage.boundary
+                   else signature.output_nodes)
+        missing = [name for name in forward if name not in env]
+        if missing:
+            raise ArtifactError(f"emit: stage {stage.index} cannot forward {missing}: internal split "
+                                f"error, please report with the model")
+        artifact = target.emit(stage_graph, stage.index, args, out_dir)
+        entry = StageEntry(
+            index=stage.index, device=stage.device, backend=stage.backend,
+            execution_providers=fleet.device(stage.device).backend(stage.backend).execution_providers,
+            artifact=artifact,
+            inputs=tuple(_entry(name, env[name]) for name in stage_graph.inputs),
+            outputs=tuple(_entry(name, env[name]) for name in stage_graph.outputs),
+            forward=tuple(dict.fromkeys(forward)),
+        )
+        if verify:
+            entry = dataclasses.replace(entry, verified_max_abs_error=_verify(out_dir, entry, env))
+        entries.append(entry)
+    batch = signature.inputs[0].shape[0] if signature.inputs and signature.inputs[0].shape else 1
+    return Manifest(
+        model=signature.name,
+        batch_size=int(batch),
+        inputs=tuple(TensorEntry(t.name, t.shape, t.dtype) for t in signature.inputs),
+        outputs=tuple(OutputEntry(spec.name, node, spec.shape, spec.dtype)
+                      for spec, node in zip(signature.outputs, signature.output_nodes)),
+        stages=tuple(entries),
+    )
+
+
+def _verify(out_dir: Path, entry: StageEntry, env: dict) -> float:
+    """Max |ONNX Runtime - torch| over the stage's outputs on the example inputs."""
+    session = StageSession(out_dir, entry, threads=1)
+    results = session.run({t.name: env[t.name].detach().cpu().numpy() for t in entry.inputs})
+    errors = [float(np.max(np.abs(results[t.name].astype(np.float64)
+                                  - env[t.name].detach().cpu().numpy().astype(np.float64)), initial=0.0))
+              for t in entry.outputs]
+    return max(errors, default=0.0)
+
+
+def _entry(name: str, value: torch.Tensor) -> TensorEntry:
+    return TensorEntry(name, tuple(int(d) for d in value.shape), numpy_dtype_name(value.dtype))
+
+
+PASSES: tuple[Callable[[Compilation], Compilation], ...] = (
+    capture_pass,
+    annotate_pass,
+    units_pass,
+    cost_pass,
+    partition_pass,
+    place_heads_pass,
+    compress_pass,
+    plan_pass,
+    emit_pass,
+)
+
+
+def run_passes(state: Compilation) -> Compilation:
+    for step in PASSES:
+        started = time.perf_counter()
+        state = step(state)
+        state.timings[step.__name__.removesuffix("_pass")] = time.perf_counter() - started
+    return state
+
+
+def compile_model(model, example_inputs, fleet="home-lab", out_dir=None, **options) -> Plan:
+    """Plan `model` onto `fleet` and, if `out_dir` is given, write plan, artifacts and manifest.
+
+    Options (see CompileOptions): objective ("bottleneck" | "latency"), mode ("inference" |
+    "training"), granularity ("block" | "layer"), num_stages, time_limit_s, plan_from (a
+    plan.json path or Plan to replay instead of solving), in_flight_microbatches,
+    cost_model, name, verify (check every stage against torch after export).
+    """
+    unknown = set(options) - {f.name for f in dataclasses.fields(CompileOptions)}
+    if unknown:
+        raise TypeError(f"compile: unknown option(s) {sorted(unknown)}; known: "
+                        f"{[f.name for f in dataclasses.fields(CompileOptions)]}")
+    state = Compilation(model=model, example_inputs=example_inputs, fleet=load_fleet(fleet),
+                        options=CompileOptions(**options),
+                        out_dir=Path(out_dir) if out_dir is not None else None)
+    return run_passes(state).plan

@@ -1,0 +1,180 @@
+"""Plan: the frozen, versioned, JSON-serializable record of a partition decision.
+
+A plan holds what was decided (stages: device, backend, unit range, boundaries), why
+(the cost tables it was decided from, the solver's status, bound and gap), and what was
+predicted (per-stage compute and memory, per-boundary transfer). A hand-written or edited
+plan file is the same type: `Plan.from_json` reads it, and the compile driver re-checks
+its stages against the model and fleet before using it (`--plan-from`).
+
+Torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from edgeplan.errors import PlanError
+from edgeplan.passes.records import TensorSpec
+from edgeplan.planner.cost import CostTables
+
+SCHEMA_VERSION = 1
+PLAN_FILE = "plan.json"
+
+
+@dataclass(frozen=True)
+class UnitInfo:
+    """What the plan needs to know about a unit (a summary of passes.units.Unit)."""
+
+    name: str
+    flops: int
+    param_bytes: int
+    peak_activation_bytes: int
+    cut_bytes: int
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """Tensors sent from a stage to the next one, their bytes, and the predicted link time."""
+
+    tensors: tuple[TensorSpec, ...]
+    nbytes: int
+    link_s: float
+    codec: str = "raw"
+
+
+@dataclass(frozen=True)
+class Stage:
+    index: int
+    device: str
+    backend: str
+    unit_start: int
+    unit_end: int
+    units: tuple[str, ...]
+    param_bytes: int
+    memory_bytes: int
+    memory_budget_bytes: int
+    compute_s: float
+    boundary: Boundary | None = None
+
+
+@dataclass(frozen=True)
+class SolverReport:
+    solver: str
+    status: str
+    objective: str
+    value_s: float
+    bound_s: float
+    gap: float
+    solve_time_s: float
+    time_limit_s: float
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str
+    mode: str
+    granularity: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    fleet: dict
+    units: tuple[UnitInfo, ...]
+    stages: tuple[Stage, ...]
+    solver: SolverReport
+    costs: CostTables
+    bottleneck_s: float = 0.0
+    latency_s: float = 0.0
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def throughput_per_s(self) -> float:
+        """Microbatches per second in steady state (one per bottleneck)."""
+        return 1.0 / self.bottleneck_s if self.bottleneck_s > 0 else float("inf")
+
+    @property
+    def bottleneck_index(self) -> tuple[str, int]:
+        """("stage", i) or ("link", i): where the bottleneck is."""
+        candidates = [(s.compute_s, ("stage", s.index)) for s in self.stages]
+        candidates += [(s.boundary.link_s, ("link", s.index)) for s in self.stages if s.boundary]
+        return max(candidates, key=lambda item: item[0])[1]
+
+    def to_dict(self) -> dict:
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "costs"}
+        data = json.loads(json.dumps(_plain(data)))
+        data["costs"] = self.costs.to_dict()
+        return data
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=1)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "<dict>") -> "Plan":
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise PlanError(
+                f"plan {source}: schema version {version!r}, this edgeplan reads version "
+                f"{SCHEMA_VERSION}; re-run `edgeplan compile` to regenerate the plan")
+        try:
+            return cls(
+                model=data["model"],
+                mode=data["mode"],
+                granularity=data["granularity"],
+                inputs=tuple(_tensor(t) for t in data["inputs"]),
+                outputs=tuple(_tensor(t) for t in data["outputs"]),
+                fleet=data["fleet"],
+                units=tuple(UnitInfo(**u) for u in data["units"]),
+                stages=tuple(_stage(s) for s in data["stages"]),
+                solver=SolverReport(**data["solver"]),
+                costs=CostTables.from_dict(data["costs"]),
+                bottleneck_s=float(data.get("bottleneck_s", 0.0)),
+                latency_s=float(data.get("latency_s", 0.0)),
+                schema_version=version,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PlanError(
+                f"plan {source}: malformed ({exc.__class__.__name__}: {exc}); compare it with a "
+                f"plan written by `edgeplan compile` (edgeplan inspect DIR --json)") from exc
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "Plan":
+        path = Path(path)
+        if path.is_dir():
+            path = path / PLAN_FILE
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise PlanError(f"plan {path}: no such file; compile first or pass the plan.json path") from None
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"plan {path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+        return cls.from_dict(data, source=str(path))
+
+
+def _plain(value):
+    if hasattr(value, "__dataclass_fields__"):
+        return {k: _plain(v) for k, v in asdict(value).items()}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _tensor(data: dict) -> TensorSpec:
+    return TensorSpec(data["name"], tuple(data["shape"]), data["dtype"])
+
+
+def _stage(data: dict) -> Stage:
+    boundary = data.get("boundary")
+    return Stage(
+        index=data["index"], device=data["device"], backend=data["backend"],
+        unit_start=data["unit_start"], unit_end=data["unit_end"], units=tuple(data["units"]),
+        param_bytes=data["param_bytes"], memory_bytes=data["memory_bytes"],
+        memory_budget_bytes=data["memory_budget_bytes"], compute_s=data["compute_s"],
+        boundary=None if boundary is None else Boundary(
+            tensors=tuple(_tensor(t) for t in boundary["tensors"]), nbytes=boundary["nbytes"],
+            link_s=boundary["link_s"], codec=boundary.get("codec", "raw")),
+    )

@@ -1,0 +1,66 @@
+"""Human-readable views of a Plan: the per-stage table that `edgeplan inspect` prints.
+
+Torch-free.
+"""
+
+from __future__ import annotations
+
+from edgeplan.planner.plan import Plan
+
+MB = 1e6
+
+
+def _row(cells: list[str], widths: list[int]) -> str:
+    return "  ".join(cell.rjust(width) if i else cell.ljust(width)
+                     for i, (cell, width) in enumerate(zip(cells, widths)))
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return [_row(header, widths), _row(["-" * w for w in widths], widths),
+            *(_row(r, widths) for r in rows)]
+
+
+def _units_label(units: tuple[str, ...]) -> str:
+    return units[0] if len(units) == 1 else f"{units[0]} .. {units[-1]} ({len(units)})"
+
+
+def format_plan(plan: Plan, manifest=None) -> str:
+    """The inspect table: one row per stage, the bottleneck marked, then solver facts."""
+    kind, where = plan.bottleneck_index
+    header = ["stage", "device", "backend", "units", "params MB", "memory MB / budget",
+              "predicted ms", "boundary MB", "link ms"]
+    if manifest is not None:
+        header.append("|ORT-torch|")
+    rows = []
+    for stage in plan.stages:
+        compute = f"{stage.compute_s * 1e3:.3f}" + (" *" if (kind, where) == ("stage", stage.index) else "")
+        if stage.boundary:
+            link = f"{stage.boundary.link_s * 1e3:.3f}" + (" *" if (kind, where) == ("link", stage.index) else "")
+            boundary = f"{stage.boundary.nbytes / MB:.3f}"
+        else:
+            link = boundary = "-"
+        row = [str(stage.index), stage.device, stage.backend, _units_label(stage.units),
+               f"{stage.param_bytes / MB:.2f}",
+               f"{stage.memory_bytes / MB:.1f} / {stage.memory_budget_bytes / MB:.0f}",
+               compute, boundary, link]
+        if manifest is not None:
+            error = manifest.stages[stage.index].verified_max_abs_error
+            row.append("-" if error is None else f"{error:.1e}")
+        rows.append(row)
+    solver = plan.solver
+    lines = [
+        f"model {plan.model}  fleet {plan.fleet.get('name', '?')}  mode {plan.mode}  "
+        f"units {len(plan.units)} ({plan.granularity})  stages {len(plan.stages)}",
+        "",
+        *_table(header, rows),
+        "",
+        f"bottleneck {plan.bottleneck_s * 1e3:.3f} ms ({kind} {where}, marked *)  "
+        f"throughput {plan.throughput_per_s:.1f} microbatches/s  latency {plan.latency_s * 1e3:.3f} ms",
+        f"solver {solver.solver} {solver.status}  objective {solver.objective} "
+        f"{solver.value_s * 1e3:.3f} ms  bound {solver.bound_s * 1e3:.3f} ms  gap {solver.gap:.2%}  "
+        f"solve {solver.solve_time_s:.2f} s  cost model {plan.costs.model}",
+    ]
+    if plan.costs.guessed_units:
+        lines.append(f"guessed (no measurements): {', '.join(plan.costs.guessed_units)}")
+    return "\n".join(lines)

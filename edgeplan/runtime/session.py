@@ -1,0 +1,50 @@
+"""One stage on one backend: an ONNX Runtime session behind a small dispatch-friendly interface.
+
+`StageSession.run(feeds) -> outputs` takes and returns dicts of numpy arrays keyed by
+tensor name. Execution providers come from the manifest in preference order; those the
+installed onnxruntime lacks are skipped (CPU is always last), and `providers` says which
+ones were actually used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edgeplan.errors import ArtifactError, StageError
+from edgeplan.runtime.manifest import StageEntry, verify_artifact
+
+CPU_PROVIDER = "CPUExecutionProvider"
+
+
+class StageSession:
+    def __init__(self, directory: str | Path, stage: StageEntry, threads: int = 0):
+        import onnxruntime as ort
+
+        self.stage = stage
+        path = verify_artifact(Path(directory), stage)
+        available = set(ort.get_available_providers())
+        wanted = [p for p in stage.execution_providers if p in available]
+        self.providers = tuple(dict.fromkeys([*wanted, CPU_PROVIDER]))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        try:
+            self._session = ort.InferenceSession(str(path), options, providers=list(self.providers))
+        except Exception as exc:  # onnxruntime raises its own exception types per failure
+            raise ArtifactError(
+                f"stage {stage.index} ({stage.device}): ONNX Runtime cannot load {path}: "
+                f"{str(exc).splitlines()[0]}; recompile the model") from None
+        self.output_names = [o.name for o in stage.outputs]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        stage_feeds = {t.name: feeds[t.name] for t in self.stage.inputs}
+        try:
+            results = self._session.run(self.output_names, stage_feeds)
+        except Exception as exc:
+            raise StageError(
+                f"stage {self.stage.index} on {self.stage.device}/{self.stage.backend} failed: "
+                f"{str(exc).splitlines()[0]}") from None
+        return dict(zip(self.output_names, results))
