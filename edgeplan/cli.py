@@ -33,6 +33,8 @@ def load_factory(spec: str):
             raise EdgeplanError(f"model {spec!r}: no file {source}")
         module_spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(module_spec)
+        # Registered before running, as a normal import would be: dataclasses look it up.
+        sys.modules[module_spec.name] = module
         sys.path.insert(0, str(path.resolve().parent))  # let the file import its neighbours
         try:
             module_spec.loader.exec_module(module)

@@ -124,9 +124,12 @@ def annotate(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
                 node.meta[COST_KEY] = OpCost(kind, 0, 0, 0)
                 continue
             output_bytes = spec.nbytes if spec else _tuple_bytes(node.meta.get("val"))
-            input_bytes = sum(
-                _spec(arg).nbytes for arg in node.all_input_nodes if _spec(arg) is not None
-            )
+            if kind == "embedding":  # a gather reads only the rows it returns
+                input_bytes = output_bytes
+            else:
+                input_bytes = sum(
+                    _spec(arg).nbytes for arg in node.all_input_nodes if _spec(arg) is not None
+                )
             node.meta[COST_KEY] = OpCost(kind, int(flops), int(input_bytes + output_bytes),
                                          int(output_bytes))
         elif node.op == "output":

@@ -451,6 +451,10 @@ def partition(tables: CostTables, objective: str = "bottleneck", *, time_limit_s
     return result
 
 
+def _size(nbytes: int) -> str:
+    return f"{nbytes} bytes ({nbytes / 1e9:.2f} GB)"
+
+
 def diagnose_infeasible(tables: CostTables, num_stages: int | None = None) -> str:
     """Say how many bytes are missing on which device, and what would help."""
     need_units = tables.memory_sum_bytes + tables.memory_max_bytes
@@ -461,9 +465,9 @@ def diagnose_infeasible(tables: CostTables, num_stages: int | None = None) -> st
     worst_unit = int(np.argmax(need_units))
     if need_units[worst_unit] > largest_memory:
         return (f"partition: nothing fits: unit {tables.unit_names[worst_unit]!r} alone needs "
-                f"{int(need_units[worst_unit])} bytes but the largest device "
-                f"{tables.device_names[largest]!r} has {largest_memory}: "
-                f"{int(need_units[worst_unit]) - largest_memory} bytes short. Use a device with more "
+                f"{_size(int(need_units[worst_unit]))} but the largest device "
+                f"{tables.device_names[largest]!r} has {_size(largest_memory)}: "
+                f"{_size(int(need_units[worst_unit]) - largest_memory)} short. Use a device with more "
                 f"memory, --granularity layer to split the unit, or a smaller batch")
     # Greedy contiguous fill, largest device first: the overflow left on the last device is
     # what that packing is short by.
@@ -484,9 +488,13 @@ def diagnose_infeasible(tables: CostTables, num_stages: int | None = None) -> st
             need = tables.stage_memory(start, end) if end > start else 0
             short = need - budget
             total = int(tables.memory_sum_bytes.sum() + tables.memory_max_bytes.max())
-            return (f"partition: nothing fits: the model needs {total} bytes; filled largest device "
-                    f"first, the last device {tables.device_names[device]!r} would need {need} bytes "
-                    f"for units {tables.unit_names[start]}..{tables.unit_names[-1]} but has {budget}: "
-                    f"{short} bytes short. To fix: {fixes}")
+            fleet_total = int(tables.device_memory_bytes[order].sum())
+            overall = (f"at least {_size(total - fleet_total)} short overall"
+                       if total > fleet_total else "enough overall, but not in contiguous stages")
+            return (f"partition: nothing fits: the model needs {_size(total)} and the "
+                    f"{len(order)} device(s) hold {_size(fleet_total)} ({overall}); filled largest "
+                    f"device first, the last device {tables.device_names[device]!r} would need "
+                    f"{_size(need)} for units {tables.unit_names[start]}..{tables.unit_names[-1]} "
+                    f"but has {_size(budget)}: {_size(short)} short. To fix: {fixes}")
         start = end
     return f"partition: nothing fits in {len(order)} stages. To fix: {fixes}"

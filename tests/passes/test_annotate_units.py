@@ -1,0 +1,184 @@
+"""Capture, annotate and units on tiny hand-built models: exact FLOPs, bytes and cuts."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgeplan.errors import CaptureError
+from edgeplan.passes.annotate import annotate
+from edgeplan.passes.capture import capture
+from edgeplan.passes.records import COST_KEY, SIGNATURE_KEY, UNIT_KEY
+from edgeplan.passes.units import group_units, unit_key
+
+
+def costs_by_kind(gm):
+    table = {}
+    for node in gm.graph.nodes:
+        cost = node.meta[COST_KEY]
+        table.setdefault(cost.kind, []).append(cost)
+    return table
+
+
+class LinearOnly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_linear_flops_and_bytes():
+    gm = annotate(capture(LinearOnly(), (torch.randn(2, 8),)))
+    (matmul,) = costs_by_kind(gm)["matmul"]
+    assert matmul.flops == 2 * 2 * 4 * 8
+    # reads x (2x8), weight (4x8), bias (4), writes out (2x4); fp32
+    assert matmul.bytes_moved == 4 * (16 + 32 + 4 + 8)
+    assert matmul.output_bytes == 4 * 8
+    params = costs_by_kind(gm)["param"]
+    assert sorted(p.param_bytes for p in params) == [16, 128]
+
+
+class ConvOnly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_conv_flops():
+    gm = annotate(capture(ConvOnly(), (torch.randn(1, 3, 8, 8),)))
+    (conv,) = costs_by_kind(gm)["conv"]
+    assert conv.flops == 2 * (4 * 6 * 6) * (3 * 3 * 3)
+
+
+class AttentionOnly(nn.Module):
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def test_attention_flops():
+    q = torch.randn(1, 2, 5, 4)
+    k = torch.randn(1, 2, 7, 4)
+    gm = annotate(capture(AttentionOnly(), (q, k, k.clone())))
+    (attention,) = costs_by_kind(gm)["attention"]
+    scores = 1 * 2 * 5 * 7
+    assert attention.flops == 4 * scores * 4 + 5 * scores
+
+
+class Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x):
+        return x + self.fc(self.ln(x))
+
+
+class Tiny(nn.Module):
+    """Embedding, three residual blocks, a head tied to the embedding, and a second output."""
+
+    def __init__(self, d=16, vocab=50):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList([Block(d) for _ in range(3)])
+        self.head = nn.Linear(d, vocab)
+        self.head.weight = self.emb.weight
+
+    def forward(self, input_ids):
+        x = self.emb(input_ids)
+        for block in self.blocks:
+            x = block(x)
+        return {"logits": self.head(x), "pooled": x.mean(dim=1)}
+
+
+def tiny_graph(granularity="block"):
+    gm = annotate(capture(Tiny(), {"input_ids": torch.randint(0, 50, (2, 5))}))
+    return gm, group_units(gm, granularity)
+
+
+def test_signature_names_inputs_and_outputs():
+    gm, _ = tiny_graph()
+    signature = gm.meta[SIGNATURE_KEY]
+    assert [t.name for t in signature.inputs] == ["input_ids"]
+    assert [t.name for t in signature.outputs] == ["logits", "pooled"]
+    assert signature.outputs[0].shape == (2, 5, 50)
+    assert not signature.on_meta
+
+
+def test_block_units_and_cuts():
+    gm, units = tiny_graph()
+    assert [u.name for u in units] == ["emb", "blocks.0", "blocks.1", "blocks.2", "head"]
+    activation = 2 * 5 * 16 * 4
+    # Between blocks only the residual stream crosses.
+    for unit in units[:-2]:
+        assert unit.cut_bytes == activation and len(unit.cut_tensors) == 1
+    # The head unit reads the tied embedding weight too: counted in both units.
+    assert units[0].param_bytes == 50 * 16 * 4
+    assert units[-1].param_bytes == 50 * 16 * 4 + 50 * 4
+    block_params = 2 * 16 * 4 + (16 * 16 + 16) * 4
+    assert units[1].param_bytes == block_params
+    assert units[1].flops == 5 * 2 * 5 * 16 + 2 * (2 * 5) * 16 * 16 + 2 * 5 * 16
+    assert units[-1].cut_tensors == ()
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            assert UNIT_KEY in node.meta
+
+
+def test_cut_inside_residual_passes_skip_tensor():
+    _, units = tiny_graph("layer")
+    names = [u.name for u in units]
+    assert names[:3] == ["emb", "blocks.0.ln", "blocks.0.fc"]
+    ln = units[1]
+    # The cut after the LayerNorm passes the normalized tensor and the residual input.
+    assert len(ln.cut_tensors) == 2
+    assert ln.cut_bytes == 2 * (2 * 5 * 16 * 4)
+
+
+def test_peak_activation_counts_live_tensors():
+    _, units = tiny_graph()
+    activation = 2 * 5 * 16 * 4
+    # Inside a block: the residual input, the LayerNorm output and the Linear output are live.
+    assert units[1].peak_activation_bytes >= 2 * activation
+
+
+def test_unit_key_rules():
+    assert unit_key("model.layers.3.self_attn.q_proj", "block") == "model.layers.3"
+    assert unit_key("model.layers.3.self_attn.q_proj", "layer") == "model.layers.3.self_attn"
+    assert unit_key("model.embed_tokens", "block") == "model.embed_tokens"
+    assert unit_key("", "block") == ""
+
+
+def test_meta_model_is_captured_without_weights():
+    with torch.device("meta"):
+        model = Tiny(d=4096, vocab=32000)
+        ids = torch.zeros(1, 8, dtype=torch.long)
+    gm = annotate(capture(model, {"input_ids": ids}))
+    units = group_units(gm)
+    assert gm.meta[SIGNATURE_KEY].on_meta
+    assert units[0].param_bytes == 32000 * 4096 * 4
+
+
+def test_capture_errors_name_the_fix():
+    with pytest.raises(CaptureError, match="torch.nn.Module"):
+        capture(lambda x: x, (torch.randn(2),))
+    with pytest.raises(CaptureError, match="must be a tensor"):
+        capture(LinearOnly(), (torch.randn(2, 8), 3))
+    with pytest.raises(CaptureError, match="granularity"):
+        group_units(tiny_graph()[0], "bogus")
+
+
+class DataDependent(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:
+            return x * 2
+        return x
+
+
+def test_untraceable_model_gives_one_clear_error():
+    with pytest.raises(CaptureError, match="torch.export failed for DataDependent"):
+        capture(DataDependent(), (torch.randn(3),))
