@@ -325,6 +325,21 @@ def solve_cpsat(tables: CostTables, objective: str = "bottleneck", *, time_limit
         for k in range(slot_count):
             model.Add(compute[s] >= sum(int(compute_int[u, k]) * in_stage[u][s]
                                         for u in range(unit_count))).OnlyEnforceIf(runs_on[s][k])
+    # Redundant slot view: unit u runs on slot k. Its load and memory constraints need no
+    # enforcement literal, which gives the LP relaxation a far better bound.
+    on_slot = [[model.NewBoolVar(f"x_u{u}_k{k}") for k in range(slot_count)] for u in range(unit_count)]
+    for u in range(unit_count):
+        model.AddExactlyOne(on_slot[u])
+        for s in range(stage_count):
+            for k in range(slot_count):
+                model.AddBoolOr([in_stage[u][s].Not(), runs_on[s][k].Not(), on_slot[u][k]])
+    slot_load = []
+    for k in range(slot_count):
+        slot_load.append(sum(int(compute_int[u, k]) * on_slot[u][k] for u in range(unit_count)))
+    for d in range(device_count):
+        device_slots = np.flatnonzero(tables.slot_device == d)
+        model.Add(sum(int(memory_sum[u]) * on_slot[u][k] for u in range(unit_count)
+                      for k in device_slots) <= int(budget[d]))
     # Boundary s (stage s -> s+1) sits at the cut after unit u iff u is the last unit of s.
     links = []
     for s in range(stage_count - 1):
@@ -359,8 +374,12 @@ def solve_cpsat(tables: CostTables, objective: str = "bottleneck", *, time_limit
                 model.Add(position[a] + 1 <= position[b]).OnlyEnforceIf(used[b])
 
     if objective == "bottleneck":
-        bottleneck = model.NewIntVar(0, horizon, "bottleneck")
-        for var in compute + links:
+        # Redundant bound that tightens the relaxation: the fastest slot of each unit, spread
+        # over every stage, and the slowest such unit.
+        fastest = compute_int.min(axis=1)
+        lower = int(max(fastest.max(initial=0), -(-int(fastest.sum()) // stage_count)))
+        bottleneck = model.NewIntVar(lower, horizon, "bottleneck")
+        for var in compute + links + slot_load:
             model.Add(bottleneck >= var)
         model.Minimize(bottleneck)
     else:
