@@ -373,6 +373,9 @@ def solve_cpsat(tables: CostTables, objective: str = "bottleneck", *, time_limit
                 model.Add(used[a] >= used[b])
                 model.Add(position[a] + 1 <= position[b]).OnlyEnforceIf(used[b])
 
+    # Ties on the objective go to fewer stages (weight below one time step), so equal plans
+    # come out the same from run to run; the DP breaks ties the same way.
+    tie_weight = stage_count + 1
     if objective == "bottleneck":
         # Redundant bound that tightens the relaxation: the fastest slot of each unit, spread
         # over every stage, and the slowest such unit.
@@ -381,13 +384,12 @@ def solve_cpsat(tables: CostTables, objective: str = "bottleneck", *, time_limit
         bottleneck = model.NewIntVar(lower, horizon, "bottleneck")
         for var in compute + links + slot_load:
             model.Add(bottleneck >= var)
-        model.Minimize(bottleneck)
+        model.Minimize(tie_weight * bottleneck + sum(active))
     else:
-        model.Minimize(sum(compute) + sum(links))
+        model.Minimize(tie_weight * (sum(compute) + sum(links)) + sum(active))
 
     if hint:
-        _add_hint(model, hint, in_stage, runs_on, on_device, active, unit_count, slot_count,
-                  device_count, stage_count, tables)
+        _add_hint(model, hint, in_stage, runs_on, on_device, on_slot, active, tables)
 
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = float(time_limit_s)
@@ -396,10 +398,11 @@ def solve_cpsat(tables: CostTables, objective: str = "bottleneck", *, time_limit
     status = solver.Solve(model)
     if status == cp_model.INFEASIBLE:
         return None
+    bound = (solver.BestObjectiveBound() // tie_weight) / scale
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        raise PlanError(
-            f"partition: CP-SAT found no plan within {time_limit_s:.1f} s ({solver.StatusName(status)}); "
-            f"raise the time limit (--time-limit) or use a coarser granularity")
+        # No plan in time: report the bound; the caller falls back to its own plan.
+        return PartitionResult((), objective, float("inf"), bound, 1.0, solver.StatusName(status),
+                               "cp-sat", time.perf_counter() - started)
 
     stages = []
     for s in range(stage_count):
@@ -409,25 +412,34 @@ def solve_cpsat(tables: CostTables, objective: str = "bottleneck", *, time_limit
         members = [u for u in range(unit_count) if solver.Value(in_stage[u][s])]
         stages.append(StageAssignment(slot, members[0], members[-1] + 1))
     value = evaluate(tables, stages).value(objective)
-    bound = min(solver.BestObjectiveBound() / scale, value)
-    gap = 0.0 if status == cp_model.OPTIMAL else max(0.0, (value - bound) / value if value else 0.0)
-    return PartitionResult(tuple(stages), objective, value, bound, gap,
-                           solver.StatusName(status), "cp-sat", time.perf_counter() - started)
+    return _result(stages, objective, value, bound, solver.StatusName(status), "cp-sat",
+                   time.perf_counter() - started)
 
 
-def _add_hint(model, hint, in_stage, runs_on, on_device, active, unit_count, slot_count,
-              device_count, stage_count, tables) -> None:
-    if len(hint) > stage_count:
+def _result(stages, objective, value, bound, status, solver, seconds) -> PartitionResult:
+    # "OPTIMAL" is proven on integer times; the float value may sit a rounding step above.
+    bound = min(bound, value)
+    gap = 0.0 if status == "OPTIMAL" else max(0.0, (value - bound) / value if value else 0.0)
+    return PartitionResult(tuple(stages), objective, value, bound, gap, status, solver, seconds)
+
+
+def _add_hint(model, hint, in_stage, runs_on, on_device, on_slot, active, tables) -> None:
+    """Start CP-SAT from a known plan: every decision variable gets its value in `hint`."""
+    if len(hint) > len(active):
         return
-    for s in range(stage_count):
+    for s, active_var in enumerate(active):
         stage = hint[s] if s < len(hint) else None
-        model.AddHint(active[s], stage is not None)
-        for k in range(slot_count):
-            model.AddHint(runs_on[s][k], stage is not None and stage.slot == k)
-        for d in range(device_count):
-            model.AddHint(on_device[s][d], stage is not None and int(tables.slot_device[stage.slot]) == d)
-        for u in range(unit_count):
-            model.AddHint(in_stage[u][s], stage is not None and stage.start <= u < stage.end)
+        model.AddHint(active_var, stage is not None)
+        for k, var in enumerate(runs_on[s]):
+            model.AddHint(var, stage is not None and stage.slot == k)
+        for d, var in enumerate(on_device[s]):
+            model.AddHint(var, stage is not None and int(tables.slot_device[stage.slot]) == d)
+        for u, row in enumerate(in_stage):
+            model.AddHint(row[s], stage is not None and stage.start <= u < stage.end)
+    slot_of_unit = {u: stage.slot for stage in hint for u in range(stage.start, stage.end)}
+    for u, row in enumerate(on_slot):
+        for k, var in enumerate(row):
+            model.AddHint(var, slot_of_unit[u] == k)
 
 
 # --------------------------------------------------------------------------------------
@@ -461,11 +473,21 @@ def partition(tables: CostTables, objective: str = "bottleneck", *, time_limit_s
             f"stages, add devices, or use --granularity layer for more units")
     seeds = [r for r in (solve_dp(tables, order, objective, num_stages)
                          for order in _heuristic_orders(tables)) if r is not None]
-    hint = min(seeds, key=lambda r: r.value_s).stages if seeds else None
+    best_seed = min(seeds, key=lambda r: r.value_s) if seeds else None
     result = solve_cpsat(tables, objective, time_limit_s=time_limit_s, num_stages=num_stages,
-                         hint=hint, workers=workers)
+                         hint=best_seed.stages if best_seed else None, workers=workers)
     if result is None:
         raise PlanError(diagnose_infeasible(tables, num_stages))
+    if best_seed is not None and best_seed.value_s < result.value_s:
+        # CP-SAT ran out of time without matching its starting point: keep the DP plan,
+        # with CP-SAT's proven bound (the DP is exact only for its device order).
+        result = _result(best_seed.stages, objective, best_seed.value_s, result.bound_s,
+                         "FEASIBLE", "dp-seed", result.solve_time_s)
+    if not result.stages:
+        raise PlanError(
+            f"partition: CP-SAT found no plan within {time_limit_s:.1f} s ({result.status}) and no "
+            f"heuristic device order fits; raise the time limit (--time-limit) or use a coarser "
+            f"granularity")
     validate_assignment(tables, result.stages)
     return result
 
