@@ -28,13 +28,9 @@ Prints plain-text tables; nothing is asserted (tests/test_bench_partition.py che
 edgeplan-vs-baseline invariant on the --quick run).
 """
 
-# No `from __future__ import annotations`: with string annotations @dataclass looks the module
-# up in sys.modules, which fails when this file is loaded by path without registering it.
 import argparse
 import dataclasses
-import importlib.util
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
+from edgeplan.cli import load_module  # noqa: E402
 from edgeplan.errors import PlanError  # noqa: E402
 from edgeplan.passes.partition import (  # noqa: E402
     PartitionResult,
@@ -66,14 +63,8 @@ QUICK_FLEETS = ("home-lab", "jetson-cluster", "phones")
 
 
 def load_example(name: str):
-    """Import examples/<name>.py by path (examples/ is not a package)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    """Import examples/<name>.py the way `edgeplan compile` does."""
+    return load_module(EXAMPLES / f"{name}.py")
 
 
 # (label, factory returning (model, example_inputs)); the first two form --quick.

@@ -22,24 +22,42 @@ from edgeplan.errors import EdgeplanError
 EXIT_USAGE = 2
 
 
+def load_module(path: str | Path, name: str | None = None):
+    """Import a Python file by path, as `edgeplan compile FILE:FACTORY` does.
+
+    The module is registered in sys.modules (dataclasses look it up) and may import the
+    files next to it; a second call with the same file returns the same module.
+    """
+    path = Path(path).resolve()
+    name = name or path.stem
+    loaded = sys.modules.get(name)
+    if loaded is not None and Path(getattr(loaded, "__file__", "")).resolve() == path:
+        return loaded
+    if not path.is_file():
+        raise EdgeplanError(f"no file {path}")
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    sys.path.insert(0, str(path.parent))  # let the file import its neighbours
+    try:
+        module_spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    finally:
+        sys.path.remove(str(path.parent))
+    return module
+
+
 def load_factory(spec: str):
     """FILE_OR_MODULE:FACTORY -> the factory callable."""
     if ":" not in spec:
         raise EdgeplanError(f"model {spec!r}: expected FILE_OR_MODULE:FACTORY, e.g. examples/gpt.py:build")
     source, _, attribute = spec.rpartition(":")
-    path = Path(source)
-    if source.endswith(".py") or path.exists():
-        if not path.is_file():
+    if source.endswith(".py") or Path(source).exists():
+        if not Path(source).is_file():
             raise EdgeplanError(f"model {spec!r}: no file {source}")
-        module_spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(module_spec)
-        # Registered before running, as a normal import would be: dataclasses look it up.
-        sys.modules[module_spec.name] = module
-        sys.path.insert(0, str(path.resolve().parent))  # let the file import its neighbours
-        try:
-            module_spec.loader.exec_module(module)
-        finally:
-            sys.path.remove(str(path.resolve().parent))
+        module = load_module(source)
     else:
         try:
             module = importlib.import_module(source)

@@ -14,23 +14,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
+from hf_logits import LogitsOnly  # noqa: E402  (the file next to this one)
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 SMALL_CONFIG = dict(n_embd=128, n_layer=4, n_head=4, vocab_size=512, n_positions=128)
-
-
-class LogitsOnly(nn.Module):
-    """Wraps an HF causal LM: forward(input_ids) -> logits [batch, seq, vocab]."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        # Without a KV cache the output is just logits; unwrapping the ModelOutput keeps
-        # the captured graph to a single tensor output.
-        return self.model(input_ids=input_ids, use_cache=False).logits
 
 
 def build(

@@ -17,7 +17,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
+from hf_logits import LogitsOnly  # noqa: E402  (the file next to this one)
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 SMALL_CONFIG = dict(
@@ -40,19 +40,6 @@ LLAMA_7B_CONFIG = dict(
     max_position_embeddings=2048,
     rms_norm_eps=1e-6,
 )
-
-
-class LogitsOnly(nn.Module):
-    """Wraps an HF causal LM: forward(input_ids) -> logits [batch, seq, vocab]."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        # Without a KV cache the output is just logits; unwrapping the ModelOutput keeps
-        # the captured graph to a single tensor output.
-        return self.model(input_ids=input_ids, use_cache=False).logits
 
 
 def build(

@@ -1,11 +1,11 @@
 """Shared fixtures: examples loaded by path (examples/ is not a package), HF offline."""
 
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import pytest
+
+from edgeplan.cli import load_module
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
@@ -13,14 +13,8 @@ EXAMPLES = ROOT / "examples"
 
 
 def load_example(name: str):
-    """Import examples/<name>.py as a module."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    """Import examples/<name>.py the way `edgeplan compile examples/<name>.py:build` does."""
+    return load_module(EXAMPLES / f"{name}.py")
 
 
 @pytest.fixture

@@ -5,24 +5,17 @@ problem edgeplan solves, so when they fit in memory the solver's bottleneck is a
 theirs. Slow (captures models and runs CP-SAT): run with `pytest -m slow`.
 """
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+
+from edgeplan.cli import load_module
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "partition.py"
 
 
 def _load_bench():
-    name = "edgeplan_bench_partition"  # not "partition": avoid shadowing anything
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_module(BENCH, "edgeplan_bench_partition")  # not "partition": avoid shadowing
 
 
 @pytest.mark.slow

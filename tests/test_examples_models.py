@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
-EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
+from conftest import load_example
 
 # name -> (input name, output shape for the default build, module-path prefix of a block)
 EXAMPLES = {
@@ -17,23 +16,6 @@ EXAMPLES = {
     "llama_hf": ("input_ids", (2, 32, 512), "model.model.layers.0"),
     "gpt2_hf": ("input_ids", (2, 32, 512), "model.transformer.h.0"),
 }
-
-
-_LOADED: dict[str, object] = {}
-
-
-def load_example(name: str):
-    """Import examples/<name>.py by path (examples/ is not a package).
-
-    Deliberately not registered in sys.modules, like `edgeplan compile FILE:build` does,
-    so the examples are checked to load that way too.
-    """
-    if name not in _LOADED:
-        spec = importlib.util.spec_from_file_location(name, EXAMPLES_DIR / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        _LOADED[name] = module
-    return _LOADED[name]
 
 
 def _module_paths(ep: torch.export.ExportedProgram) -> set[str]:
