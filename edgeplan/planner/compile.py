@@ -55,7 +55,7 @@ class CompileOptions:
     granularity: str = "block"
     num_stages: int | None = None
     time_limit_s: float = 10.0
-    plan_from: str | Path | Plan | None = None
+    plan_from: Plan | None = None
     in_flight_microbatches: int | None = None
     cost_model: CostModel = field(default_factory=RooflineCostModel)
     name: str | None = None
@@ -91,31 +91,19 @@ def annotate_pass(c: Compilation) -> Compilation:
     return dataclasses.replace(c, graph=annotate(c.graph))
 
 
-def _given_plan(c: Compilation) -> Plan | None:
-    given = c.options.plan_from
-    if given is None or isinstance(given, Plan):
-        return given
-    return Plan.from_json(given)
-
-
 def units_pass(c: Compilation) -> Compilation:
-    given = _given_plan(c)
-    granularity = given.granularity if given else c.options.granularity
-    return dataclasses.replace(c, units=group_units(c.graph, granularity))
+    return dataclasses.replace(c, units=group_units(c.graph, c.options.granularity))
 
 
 def cost_pass(c: Compilation) -> Compilation:
-    given = _given_plan(c)
-    mode = given.mode if given else c.options.mode
     in_flight = c.options.in_flight_microbatches or len(c.fleet.devices)
-    tables = c.options.cost_model.costs(c.units, c.fleet, mode, in_flight)
+    tables = c.options.cost_model.costs(c.units, c.fleet, c.options.mode, in_flight)
     return dataclasses.replace(c, tables=tables)
 
 
 def partition_pass(c: Compilation) -> Compilation:
-    given = _given_plan(c)
-    if given is not None:
-        return dataclasses.replace(c, result=_replay(c, given))
+    if c.options.plan_from is not None:
+        return dataclasses.replace(c, result=_replay(c, c.options.plan_from))
     result = partition(c.tables, c.options.objective, time_limit_s=c.options.time_limit_s,
                        num_stages=c.options.num_stages)
     return dataclasses.replace(c, result=result)
@@ -143,8 +131,8 @@ def _replay(c: Compilation, given: Plan) -> PartitionResult:
                 f"{', '.join('/'.join(s) for s in c.tables.slots)}") from None
         stages.append(StageAssignment(slot, stage.unit_start, stage.unit_end))
     validate_assignment(c.tables, stages)
-    value = evaluate(c.tables, stages).value(given.solver.objective)
-    return PartitionResult(tuple(stages), given.solver.objective, value, value, 0.0, "GIVEN",
+    value = evaluate(c.tables, stages).value(c.options.objective)
+    return PartitionResult(tuple(stages), c.options.objective, value, value, 0.0, "GIVEN",
                            "plan-from", 0.0)
 
 
@@ -181,8 +169,8 @@ def plan_pass(c: Compilation) -> Compilation:
     signature = c.signature
     plan = Plan(
         model=signature.name,
-        mode=c.options.mode if c.options.plan_from is None else _given_plan(c).mode,
-        granularity=c.options.granularity if c.options.plan_from is None else _given_plan(c).granularity,
+        mode=c.options.mode,
+        granularity=c.options.granularity,
         inputs=signature.inputs,
         outputs=signature.outputs,
         fleet=c.fleet.to_dict(),
@@ -301,13 +289,20 @@ def compile_model(model, example_inputs, fleet="home-lab", out_dir=None, **optio
 
     Options (see CompileOptions): objective ("bottleneck" | "latency"), mode ("inference" |
     "training"), granularity ("block" | "layer"), num_stages, time_limit_s, plan_from (a
-    plan.json path or Plan to replay instead of solving), in_flight_microbatches,
+    plan.json path or Plan to replay instead of solving; it also sets mode, granularity and
+    objective), in_flight_microbatches,
     cost_model, name, verify (check every stage against torch after export).
     """
     unknown = set(options) - {f.name for f in dataclasses.fields(CompileOptions)}
     if unknown:
         raise TypeError(f"compile: unknown option(s) {sorted(unknown)}; known: "
                         f"{[f.name for f in dataclasses.fields(CompileOptions)]}")
+    given = options.get("plan_from")
+    if given is not None:
+        # A replayed plan fixes how units are grouped and costed; read the file once here.
+        given = given if isinstance(given, Plan) else Plan.from_json(given)
+        options.update(plan_from=given, mode=given.mode, granularity=given.granularity,
+                       objective=given.solver.objective)
     state = Compilation(model=model, example_inputs=example_inputs, fleet=load_fleet(fleet),
                         options=CompileOptions(**options),
                         out_dir=Path(out_dir) if out_dir is not None else None)
