@@ -40,11 +40,16 @@ MEMORY_QUANTUM = 1024  # bytes; unit memory rounds up, budgets round down
 
 @dataclass(frozen=True)
 class StageAssignment:
-    """One stage: units [start, end) on slot `slot` (an index into CostTables.slots)."""
+    """One stage: units [start, end) on slot `slot` (an index into CostTables.slots).
+
+    `codec` indexes CostTables.codec_names: how the boundary after this stage is sent
+    (0 = raw; ignored on the last stage).
+    """
 
     slot: int
     start: int
     end: int
+    codec: int = 0
 
 
 @dataclass(frozen=True)
@@ -80,16 +85,20 @@ class StageCosts:
 
 
 def evaluate(tables: CostTables, stages: Sequence[StageAssignment]) -> StageCosts:
-    """Compute, link and memory of each stage of an assignment, on the float tables."""
-    compute, links, memory = [], [], []
-    for i, stage in enumerate(stages):
-        compute.append(float(tables.compute_s[stage.start:stage.end, stage.slot].sum()))
-        memory.append(tables.stage_memory(stage.start, stage.end))
-        if i + 1 < len(stages):
-            nxt = stages[i + 1]
-            links.append(tables.link_s(int(tables.slot_device[stage.slot]),
-                                       int(tables.slot_device[nxt.slot]),
-                                       float(tables.cut_bytes[stage.end - 1])))
+    """Compute, link and memory of each stage of an assignment, on the float tables.
+
+    A stage's compute includes encoding its outgoing boundary and decoding its incoming one.
+    """
+    compute = [float(tables.compute_s[s.start:s.end, s.slot].sum()) for s in stages]
+    memory = [tables.stage_memory(s.start, s.end) for s in stages]
+    links = []
+    for i, (stage, nxt) in enumerate(zip(stages, stages[1:])):
+        encode, link, decode = tables.boundary_s(stage.end - 1, stage.codec,
+                                                 int(tables.slot_device[stage.slot]),
+                                                 int(tables.slot_device[nxt.slot]))
+        compute[i] += encode
+        compute[i + 1] += decode
+        links.append(link)
     return StageCosts(tuple(compute), tuple(links), tuple(memory))
 
 
@@ -115,6 +124,11 @@ def validate_assignment(tables: CostTables, stages: Sequence[StageAssignment]) -
                 f"partition: stages {used_devices[device]} and {i} both run on device "
                 f"{tables.device_names[device]!r}: at most one stage per device (constraint d)")
         used_devices[device] = i
+        if i + 1 < len(stages) and not tables.codec_allowed[stage.end - 1, stage.codec]:
+            raise PlanError(
+                f"partition: stage {i} sends its boundary with codec "
+                f"{tables.codec_names[stage.codec]!r}, which is not allowed at that cut (over the "
+                f"error budget); allowed: {', '.join(n for n, ok in zip(tables.codec_names, tables.codec_allowed[stage.end - 1]) if ok)}")
         need = tables.stage_memory(stage.start, stage.end)
         budget = int(tables.device_memory_bytes[device])
         if need > budget:
@@ -173,38 +187,59 @@ def solve_dp(tables: CostTables, device_order: Sequence[int], objective: str = "
         stage_cost.append(cost)
         stage_slot.append(slots[best])
 
-    cut_bytes = np.concatenate([[0.0], tables.cut_bytes.astype(float), [0.0]])  # cut at i' (after unit i'-1)
+    # Boundary arrays indexed by cut position i' (the cut after unit i'-1; 0 and U: none) and
+    # codec. A stage [i', i) pays the decode of its incoming cut i' and the encode of its
+    # outgoing cut i, so the DP state carries the outgoing codec.
+    codec_count = len(tables.codec_names)
+
+    def by_position(values, edge):
+        return np.vstack([np.full((1, codec_count), edge), values.astype(float), np.full((1, codec_count), edge)])
+
+    wire = by_position(tables.codec_wire_bytes, 0.0)
+    encode = by_position(tables.codec_encode_s, 0.0)
+    decode = by_position(tables.codec_decode_s, 0.0)
+    usable = by_position(tables.codec_allowed, False).astype(bool)
+    usable[unit_count, 0] = True  # the last stage sends nothing: one state, codec 0
+    encode_cost = np.where(usable, encode, np.inf)  # [i, k_out]
+
     inf = np.inf
-    best_value = np.full((max_stages + 1, len(order), unit_count + 1), inf)
-    parent = np.full((max_stages + 1, len(order), unit_count + 1, 2), -1, dtype=np.int64)
+    shape = (max_stages + 1, len(order), unit_count + 1, codec_count)
+    best_value = np.full(shape, inf)
+    parent = np.full(shape + (3,), -1, dtype=np.int64)  # (prev position, i', k_in)
     for j in range(len(order)):
-        best_value[1, j] = stage_cost[j][0]
+        best_value[1, j] = stage_cost[j][0][:, None] + encode_cost
+    columns = np.arange(unit_count + 1)
     for count in range(2, max_stages + 1):
         for j in range(len(order)):
             for prev in range(j):
                 a, b = order[prev], order[j]
-                link = tables.link_latency_s[a, b] + cut_bytes / tables.link_bandwidth[a, b]
-                head = combine(best_value[count - 1, prev], link)  # over i'
-                candidate = combine(head[:, None], stage_cost[j])  # [i', i]
-                split = candidate.argmin(axis=0)
-                value = candidate[split, np.arange(unit_count + 1)]
-                better = value < best_value[count, j]
-                best_value[count, j][better] = value[better]
-                parent[count, j][better] = np.stack([np.full(better.sum(), prev), split[better]], axis=1)
+                for k_in in range(codec_count):
+                    link = tables.link_latency_s[a, b] + wire[:, k_in] / tables.link_bandwidth[a, b]
+                    head = combine(best_value[count - 1, prev, :, k_in], link)  # over i'
+                    incoming = stage_cost[j] + decode[:, k_in][:, None]  # [i', i]
+                    for k_out in range(codec_count):
+                        candidate = combine(head[:, None], incoming + encode_cost[:, k_out][None, :])
+                        split = candidate.argmin(axis=0)
+                        value = candidate[split, columns]
+                        current = best_value[count, j, :, k_out]
+                        better = value < current
+                        current[better] = value[better]
+                        parent[count, j, better, k_out] = np.stack(
+                            [np.full(better.sum(), prev), split[better], np.full(better.sum(), k_in)], axis=1)
 
     counts = [num_stages] if num_stages is not None else list(range(1, max_stages + 1))
-    finals = [(best_value[c, j, unit_count], c, j) for c in counts for j in range(len(order))]
+    finals = [(best_value[c, j, unit_count, 0], c, j) for c in counts for j in range(len(order))]
     value, count, j = min(finals, key=lambda item: (item[0], item[1]))
     if not np.isfinite(value):
         return None
-    stages, end = [], unit_count
+    stages, end, codec = [], unit_count, 0
     while count >= 1:
         if count == 1:
-            start, prev = 0, -1
+            start, prev, incoming_codec = 0, -1, 0
         else:
-            prev, start = parent[count, j, end]
-        stages.append(StageAssignment(int(stage_slot[j][start, end]), int(start), int(end)))
-        end, j, count = int(start), int(prev), count - 1
+            prev, start, incoming_codec = parent[count, j, end, codec]
+        stages.append(StageAssignment(int(stage_slot[j][start, end]), int(start), int(end), int(codec)))
+        end, j, count, codec = int(start), int(prev), count - 1, int(incoming_codec)
     stages.reverse()
     evaluated = evaluate(tables, stages).value(objective)
     return PartitionResult(tuple(stages), objective, evaluated, evaluated, 0.0, "OPTIMAL", "dp",
@@ -265,17 +300,22 @@ def solve_cpsat(tables: CostTables, objective: str = "bottleneck", *, time_limit
         stage_count = num_stages
 
     # Integer scaling: times to ~TIME_STEPS steps over the largest possible objective.
-    cut_bytes = tables.cut_bytes.astype(float)
+    wire_bytes = tables.codec_wire_bytes.astype(float)  # [cut, codec]
+    codec_time = tables.codec_encode_s + tables.codec_decode_s
     off_diagonal = ~np.eye(device_count, dtype=bool)
     worst_link = (float((tables.link_latency_s[off_diagonal]).max(initial=0.0))
-                  + float(cut_bytes.max(initial=0.0)) / float(tables.link_bandwidth[off_diagonal].min(initial=np.inf)))
-    worst_total = float(tables.compute_s.max(axis=1).sum()) + worst_link * max(stage_count - 1, 0)
+                  + float(wire_bytes.max(initial=0.0)) / float(tables.link_bandwidth[off_diagonal].min(initial=np.inf)))
+    worst_boundary = worst_link + float(codec_time.max(initial=0.0))
+    worst_total = float(tables.compute_s.max(axis=1).sum()) + worst_boundary * max(stage_count - 1, 0)
     scale = TIME_STEPS / max(worst_total, 1e-12)
     compute_int = np.rint(tables.compute_s * scale).astype(np.int64)
+    encode_int = np.rint(tables.codec_encode_s * scale).astype(np.int64)
+    decode_int = np.rint(tables.codec_decode_s * scale).astype(np.int64)
+    codecs = [np.flatnonzero(tables.codec_allowed[u]) for u in range(unit_count - 1)]
     memory_sum = -(-tables.memory_sum_bytes // MEMORY_QUANTUM)
     memory_max = -(-tables.memory_max_bytes // MEMORY_QUANTUM)
     budget = tables.device_memory_bytes // MEMORY_QUANTUM
-    horizon = int(compute_int.sum(axis=0).max() + np.ceil(worst_link * scale) + 1)
+    horizon = int(compute_int.sum(axis=0).max() + np.ceil(worst_boundary * scale) * 2 + 1)
 
     model = cp_model.CpModel()
     in_stage = [[model.NewBoolVar(f"z_u{u}_s{s}") for s in range(stage_count)] for u in range(unit_count)]
@@ -319,12 +359,29 @@ def solve_cpsat(tables: CostTables, objective: str = "bottleneck", *, time_limit
         for k in range(slot_count):
             model.Add(weights + peak <= int(budget[tables.slot_device[k]])).OnlyEnforceIf(runs_on[s][k])
 
-    # Stage compute time on its slot.
+    # Boundary s (stage s -> s+1) sits at the cut after unit u iff u is the last unit of s;
+    # sent[s][u][c] says it goes with codec c (one of the codecs allowed at that cut).
+    sent = []
+    for s in range(stage_count - 1):
+        per_cut = []
+        for u in range(unit_count - 1):
+            choice = {c: model.NewBoolVar(f"cut_u{u}_s{s}_c{c}") for c in codecs[u]}
+            model.AddAtMostOne(choice.values())
+            model.AddBoolOr([in_stage[u][s].Not(), in_stage[u + 1][s + 1].Not(), *choice.values()])
+            per_cut.append(choice)
+        sent.append(per_cut)
+
+    def codec_terms(s, times):
+        return [int(times[u, c]) * var for u, choice in enumerate(sent[s]) for c, var in choice.items()]
+
+    # Stage compute time on its slot, plus encoding its outgoing and decoding its incoming boundary.
     compute = [model.NewIntVar(0, horizon, f"compute_s{s}") for s in range(stage_count)]
     for s in range(stage_count):
+        codec_work = ((codec_terms(s, encode_int) if s + 1 < stage_count else [])
+                      + (codec_terms(s - 1, decode_int) if s > 0 else []))
         for k in range(slot_count):
-            model.Add(compute[s] >= sum(int(compute_int[u, k]) * in_stage[u][s]
-                                        for u in range(unit_count))).OnlyEnforceIf(runs_on[s][k])
+            model.Add(compute[s] >= sum(int(compute_int[u, k]) * in_stage[u][s] for u in range(unit_count))
+                      + sum(codec_work)).OnlyEnforceIf(runs_on[s][k])
     # Redundant slot view: unit u runs on slot k. Its load and memory constraints need no
     # enforcement literal, which gives the LP relaxation a far better bound.
     on_slot = [[model.NewBoolVar(f"x_u{u}_k{k}") for k in range(slot_count)] for u in range(unit_count)]
@@ -340,12 +397,8 @@ def solve_cpsat(tables: CostTables, objective: str = "bottleneck", *, time_limit
         device_slots = np.flatnonzero(tables.slot_device == d)
         model.Add(sum(int(memory_sum[u]) * on_slot[u][k] for u in range(unit_count)
                       for k in device_slots) <= int(budget[d]))
-    # Boundary s (stage s -> s+1) sits at the cut after unit u iff u is the last unit of s.
     links = []
     for s in range(stage_count - 1):
-        boundary = [model.NewBoolVar(f"cut_u{u}_s{s}") for u in range(unit_count - 1)]
-        for u in range(unit_count - 1):
-            model.AddBoolOr([in_stage[u][s].Not(), in_stage[u + 1][s + 1].Not(), boundary[u]])
         link = model.NewIntVar(0, horizon, f"link_s{s}")
         links.append(link)
         for a in range(device_count):
@@ -353,8 +406,8 @@ def solve_cpsat(tables: CostTables, objective: str = "bottleneck", *, time_limit
                 if a == b:
                     continue
                 latency = int(np.rint(tables.link_latency_s[a, b] * scale))
-                per_cut = np.rint(cut_bytes / tables.link_bandwidth[a, b] * scale).astype(np.int64)
-                model.Add(link >= latency + sum(int(per_cut[u]) * boundary[u] for u in range(unit_count - 1))
+                transfer = np.rint(wire_bytes / tables.link_bandwidth[a, b] * scale).astype(np.int64)
+                model.Add(link >= latency + sum(codec_terms(s, transfer))
                           ).OnlyEnforceIf([on_device[s][a], on_device[s + 1][b]])
 
     if device_order is not None:
@@ -389,7 +442,7 @@ def solve_cpsat(tables: CostTables, objective: str = "bottleneck", *, time_limit
         model.Minimize(tie_weight * (sum(compute) + sum(links)) + sum(active))
 
     if hint:
-        _add_hint(model, hint, in_stage, runs_on, on_device, on_slot, active, tables)
+        _add_hint(model, hint, in_stage, runs_on, on_device, on_slot, sent, active, tables)
 
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = float(time_limit_s)
@@ -410,7 +463,9 @@ def solve_cpsat(tables: CostTables, objective: str = "bottleneck", *, time_limit
             break
         slot = next(k for k in range(slot_count) if solver.Value(runs_on[s][k]))
         members = [u for u in range(unit_count) if solver.Value(in_stage[u][s])]
-        stages.append(StageAssignment(slot, members[0], members[-1] + 1))
+        last = members[-1]
+        codec = next((c for c, var in sent[s][last].items() if solver.Value(var)), 0) if s < len(sent) and last < unit_count - 1 else 0
+        stages.append(StageAssignment(slot, members[0], last + 1, int(codec)))
     value = evaluate(tables, stages).value(objective)
     return _result(stages, objective, value, bound, solver.StatusName(status), "cp-sat",
                    time.perf_counter() - started)
@@ -423,7 +478,7 @@ def _result(stages, objective, value, bound, status, solver, seconds) -> Partiti
     return PartitionResult(tuple(stages), objective, value, bound, gap, status, solver, seconds)
 
 
-def _add_hint(model, hint, in_stage, runs_on, on_device, on_slot, active, tables) -> None:
+def _add_hint(model, hint, in_stage, runs_on, on_device, on_slot, sent, active, tables) -> None:
     """Start CP-SAT from a known plan: every decision variable gets its value in `hint`."""
     if len(hint) > len(active):
         return
@@ -436,6 +491,10 @@ def _add_hint(model, hint, in_stage, runs_on, on_device, on_slot, active, tables
             model.AddHint(var, stage is not None and int(tables.slot_device[stage.slot]) == d)
         for u, row in enumerate(in_stage):
             model.AddHint(row[s], stage is not None and stage.start <= u < stage.end)
+    for s, per_cut in enumerate(sent):
+        for u, choice in enumerate(per_cut):
+            for c, var in choice.items():
+                model.AddHint(var, s + 1 < len(hint) and hint[s].end - 1 == u and hint[s].codec == c)
     slot_of_unit = {u: stage.slot for stage in hint for u in range(stage.start, stage.end)}
     for u, row in enumerate(on_slot):
         for k, var in enumerate(row):

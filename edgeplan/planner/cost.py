@@ -54,6 +54,13 @@ class CostTables:
     link_latency_s[D, D]    link latency between devices (diagonal 0)
     link_bandwidth[D, D]    link bandwidth in bytes/s (diagonal inf)
     slot_device[K]          device index of each slot
+
+    Boundary codecs (filled by passes.compress; without it every cut is sent raw):
+    codec_names[C]          codecs a cut may use, "raw" first
+    codec_wire_bytes[U-1,C] bytes on the wire for the cut after unit u with codec c
+    codec_encode_s[U-1,C]   seconds to encode it (charged to the sending stage)
+    codec_decode_s[U-1,C]   seconds to decode it (charged to the receiving stage)
+    codec_allowed[U-1,C]    within the error budget and not dominated by another codec
     """
 
     unit_names: tuple[str, ...]
@@ -69,6 +76,20 @@ class CostTables:
     slot_device: np.ndarray
     model: str = "roofline"
     guessed_units: tuple[str, ...] = field(default=())
+    codec_names: tuple[str, ...] = ("raw",)
+    codec_wire_bytes: np.ndarray | None = None
+    codec_encode_s: np.ndarray | None = None
+    codec_decode_s: np.ndarray | None = None
+    codec_allowed: np.ndarray | None = None
+
+    def __post_init__(self):
+        # Without measured codecs every cut is sent raw: one column, no codec time.
+        cuts = len(self.cut_bytes)
+        if self.codec_wire_bytes is None:
+            object.__setattr__(self, "codec_wire_bytes", self.cut_bytes.reshape(cuts, 1).astype(np.int64))
+            object.__setattr__(self, "codec_encode_s", np.zeros((cuts, 1)))
+            object.__setattr__(self, "codec_decode_s", np.zeros((cuts, 1)))
+            object.__setattr__(self, "codec_allowed", np.ones((cuts, 1), dtype=bool))
 
     def __eq__(self, other) -> bool:
         if not isinstance(other, CostTables):
@@ -82,6 +103,12 @@ class CostTables:
 
     def _values(self):
         return [getattr(self, name) for name in self.__dataclass_fields__]
+
+    def boundary_s(self, cut: int, codec: int, device_a: int, device_b: int) -> tuple[float, float, float]:
+        """(encode, link, decode) seconds for the cut after unit `cut` sent with `codec`."""
+        return (float(self.codec_encode_s[cut, codec]),
+                self.link_s(device_a, device_b, float(self.codec_wire_bytes[cut, codec])),
+                float(self.codec_decode_s[cut, codec]))
 
     def link_s(self, device_a: int, device_b: int, nbytes: float) -> float:
         """Seconds to move nbytes from device a to device b (0 when nothing crosses)."""
@@ -126,6 +153,11 @@ class CostTables:
             slot_device=np.asarray(data["slot_device"], dtype=np.int64),
             model=data.get("model", "roofline"),
             guessed_units=tuple(data.get("guessed_units", ())),
+            codec_names=tuple(data.get("codec_names", ("raw",))),
+            **{name: None if data.get(name) is None else np.asarray(data[name], dtype=kind).reshape(
+                   len(data["cut_bytes"]), len(data.get("codec_names", ("raw",))))
+               for name, kind in (("codec_wire_bytes", np.int64), ("codec_encode_s", float),
+                                  ("codec_decode_s", float), ("codec_allowed", bool))},
         )
 
 

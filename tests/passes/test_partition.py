@@ -1,5 +1,6 @@
 """Partition solver: CP-SAT against the exact DP and brute force on seeded random instances."""
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -20,7 +21,7 @@ from edgeplan.planner.cost import CostTables
 
 
 def random_tables(seed: int, max_units: int = 8, max_devices: int = 4, tight: bool = False,
-                  min_units: int = 1, min_devices: int = 1) -> CostTables:
+                  min_units: int = 1, min_devices: int = 1, codecs: int = 1) -> CostTables:
     rng = np.random.default_rng(seed)
     unit_count = int(rng.integers(min_units, max_units + 1))
     device_count = int(rng.integers(min_devices, max_devices + 1))
@@ -43,6 +44,18 @@ def random_tables(seed: int, max_units: int = 8, max_devices: int = 4, tight: bo
     latency = rng.uniform(1e-4, 5e-3, size=(device_count, device_count))
     latency = np.triu(latency, 1) + np.triu(latency, 1).T
     np.fill_diagonal(latency, 0.0)
+    cut_bytes = rng.integers(1, 50, size=max(unit_count - 1, 0)) * 1_000_000
+    codec_arrays = {}
+    if codecs > 1:
+        # Codec 0 is raw; the others shrink the cut and cost encode/decode time; some are
+        # over the error budget at some cuts.
+        ratio = np.hstack([np.ones((len(cut_bytes), 1)), rng.uniform(0.1, 0.7, size=(len(cut_bytes), codecs - 1))])
+        codec_time = np.hstack([np.zeros((len(cut_bytes), 1)), rng.uniform(1e-4, 4e-3, size=(len(cut_bytes), codecs - 1))])
+        allowed = np.hstack([np.ones((len(cut_bytes), 1), dtype=bool), rng.random((len(cut_bytes), codecs - 1)) < 0.7])
+        codec_arrays = dict(
+            codec_names=("raw", *(f"c{i}" for i in range(1, codecs))),
+            codec_wire_bytes=(cut_bytes[:, None] * ratio).astype(np.int64),
+            codec_encode_s=codec_time * 0.6, codec_decode_s=codec_time * 0.4, codec_allowed=allowed)
     return CostTables(
         unit_names=tuple(f"u{i}" for i in range(unit_count)),
         device_names=tuple(f"dev{d}" for d in range(device_count)),
@@ -50,11 +63,12 @@ def random_tables(seed: int, max_units: int = 8, max_devices: int = 4, tight: bo
         compute_s=compute,
         memory_sum_bytes=weights.astype(np.int64),
         memory_max_bytes=peak.astype(np.int64),
-        cut_bytes=rng.integers(1, 50, size=max(unit_count - 1, 0)) * 1_000_000,
+        cut_bytes=cut_bytes,
         device_memory_bytes=memory,
         link_latency_s=latency,
         link_bandwidth=bandwidth,
         slot_device=np.array(slot_device),
+        **codec_arrays,
     )
 
 
@@ -197,3 +211,41 @@ def test_out_of_time_keeps_the_dp_plan():
     validate_assignment(tables, result.stages)
     assert result.value_s <= fleet_order.value_s + tolerance(tables)
     assert 0.0 <= result.gap <= 1.0 and result.bound_s <= result.value_s
+
+
+@pytest.mark.parametrize("objective", ["bottleneck", "latency"])
+def test_codec_choice_matches_dp_and_brute_force(objective):
+    """Cut and codec chosen together: CP-SAT against the DP (fixed order) and all orders."""
+    compressed = 0
+    for seed in range(80):
+        tables = random_tables(seed + 7000, max_units=7, max_devices=3, codecs=3)
+        order = list(range(len(tables.device_names)))
+        dp = solve_dp(tables, order, objective)
+        cp = solve_cpsat(tables, objective, device_order=order, time_limit_s=20, workers=1)
+        assert (dp is None) == (cp is None), seed
+        if dp is None:
+            continue
+        validate_assignment(tables, cp.stages)
+        assert abs(cp.value_s - dp.value_s) <= tolerance(tables), (seed, cp, dp)
+        free = solve_cpsat(tables, objective, time_limit_s=20, workers=1)
+        assert abs(free.value_s - brute_force(tables, objective)) <= tolerance(tables), seed
+        compressed += any(stage.codec for stage in cp.stages[:-1])
+    assert compressed >= 10  # codecs were actually chosen, not just raw
+
+
+def test_compression_pays_on_a_slow_link():
+    tables = hand_tables()
+    slow = dataclasses.replace(tables, link_bandwidth=np.array([[np.inf, 5e7], [5e7, np.inf]]))
+    raw = partition(slow, time_limit_s=5)
+    compressed = dataclasses.replace(
+        slow, codec_names=("raw", "int8"),
+        codec_wire_bytes=np.stack([slow.cut_bytes, slow.cut_bytes // 4], axis=1),
+        codec_encode_s=np.array([[0.0, 0.0002]] * 3), codec_decode_s=np.array([[0.0, 0.0001]] * 3),
+        codec_allowed=np.ones((3, 2), dtype=bool))
+    result = partition(compressed, time_limit_s=5)
+    # Raw: a boundary costs 1 ms + 1 MB at 50 MB/s = 21 ms, so one stage on the fast device
+    # (13 ms) wins. int8 sends 250 kB (6 ms): the fast-first split [embed..block1 | head]
+    # takes max(11 + 0.2 encode, 6, 4 + 0.1 decode) = 11.2 ms.
+    assert raw.value_s == pytest.approx(0.013)
+    assert len(result.stages) == 2 and result.stages[0].codec == 1
+    assert result.value_s == pytest.approx(0.011 + 0.0002)
