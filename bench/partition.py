@@ -49,7 +49,13 @@ from edgeplan.passes.partition import (  # noqa: E402
     partition,
     validate_assignment,
 )
-from edgeplan.planner.compile import PASSES, Compilation, CompileOptions, cost_pass, run_passes  # noqa: E402
+from edgeplan.planner.compile import (  # noqa: E402
+    PASSES,
+    Compilation,
+    CompileOptions,
+    cost_pass,
+    run_passes,
+)
 from edgeplan.planner.cost import CostTables  # noqa: E402
 from edgeplan.planner.fleet import load_fleet  # noqa: E402
 from edgeplan.planner.report import format_plan  # noqa: E402

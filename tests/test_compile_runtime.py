@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, load_example
 
 import edgeplan
-from conftest import ROOT, load_example
 from edgeplan.cli import main
 from edgeplan.errors import ArtifactError, InputError, PlanError
 from edgeplan.planner.plan import SCHEMA_VERSION, Plan

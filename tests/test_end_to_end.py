@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import torch
+from conftest import load_example
 
 import edgeplan
-from conftest import load_example
 from edgeplan.planner.plan import Plan
 
 TOLERANCE = 1e-4

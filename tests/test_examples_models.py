@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
-
 from conftest import load_example
 
 # name -> (input name, output shape for the default build, module-path prefix of a block)

@@ -8,8 +8,9 @@ After an intended change, regenerate with EDGEPLAN_UPDATE_GOLDEN=1 and review th
 import json
 import os
 
-import edgeplan
 from conftest import ROOT, load_example
+
+import edgeplan
 
 GOLDEN = ROOT / "tests" / "golden" / "gpt2layer_plan.json"
 

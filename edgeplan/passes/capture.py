@@ -21,7 +21,12 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from edgeplan.errors import CaptureError
-from edgeplan.passes.records import ORIGIN_KEY, SIGNATURE_KEY, ModelSignature, TensorSpec
+from edgeplan.passes.records import (
+    ORIGIN_KEY,
+    SIGNATURE_KEY,
+    ModelSignature,
+    TensorSpec,
+)
 
 GUARDS_MODULE = "_guards_fn"
 
