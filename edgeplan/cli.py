@@ -82,6 +82,7 @@ def cmd_compile(args) -> int:
         model, example_inputs, fleet=args.fleet, out_dir=None if args.plan_only else out_dir,
         objective=args.objective, mode=args.mode, granularity=args.granularity,
         num_stages=args.stages, time_limit_s=args.time_limit, plan_from=args.plan_from,
+        max_error=args.max_error, min_agreement=args.min_agreement,
         name=args.model.rpartition(":")[0].rpartition("/")[2].removesuffix(".py") or None,
     )
     if args.plan_only:
@@ -116,7 +117,7 @@ def cmd_run(args) -> int:
 
     from edgeplan.runtime import load
 
-    pipe = load(args.directory)
+    pipe = load(args.directory, emulate_links=args.emulate_links)
     try:
         with np.load(args.inputs) as archive:
             inputs = {name: archive[name] for name in archive.files}
@@ -130,9 +131,11 @@ def cmd_run(args) -> int:
     np.savez(output_path, **outputs)
     stats = pipe.last_stats
     shapes = ", ".join(f"{k} {list(v.shape)} {v.dtype}" for k, v in outputs.items())
+    links = (f"; emulated link ms/microbatch: {', '.join(f'{t * 1e3:.2f}' for t in stats.link_mean_s)}"
+             if stats.link_mean_s else "")
     print(f"ran {stats.microbatches} microbatch(es) through {len(pipe.sessions)} stage(s) in "
-          f"{stats.wall_s * 1e3:.1f} ms; stage busy ms/microbatch: "
-          f"{', '.join(f'{t * 1e3:.2f}' for t in stats.stage_mean_s)}")
+          f"{stats.wall_s * 1e3:.1f} ms ({stats.throughput_per_s:.1f} microbatches/s); stage busy "
+          f"ms/microbatch: {', '.join(f'{t * 1e3:.2f}' for t in stats.stage_mean_s)}{links}")
     print(f"wrote {output_path}: {shapes}")
     return 0
 
@@ -167,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     compile_parser.add_argument("--stages", type=int, default=None, help="exact number of stages")
     compile_parser.add_argument("--time-limit", type=float, default=10.0, help="solver seconds (default 10)")
     compile_parser.add_argument("--plan-from", default=None, help="replay this plan.json instead of solving")
+    compile_parser.add_argument("--max-error", type=float, default=None,
+                                help="compress boundaries with codecs whose relative output error "
+                                     "stays within this budget (e.g. 0.01); default: send raw")
+    compile_parser.add_argument("--min-agreement", type=float, default=None,
+                                help="with --max-error: also require this argmax agreement (e.g. 0.995)")
     compile_parser.add_argument("--plan-only", action="store_true", help="write plan.json only (works on meta models)")
     compile_parser.set_defaults(handler=cmd_compile)
 
@@ -179,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     run_parser.add_argument("directory")
     run_parser.add_argument("--inputs", required=True, help=".npz with one array per model input")
     run_parser.add_argument("-o", "--output", default=None, help="outputs .npz (default DIR/outputs.npz)")
+    run_parser.add_argument("--emulate-links", action="store_true",
+                            help="delay boundaries as the planned links would (timings are emulated)")
     run_parser.set_defaults(handler=cmd_run)
 
     fleets_parser = sub.add_parser("fleets", help="list fleet and device presets, or show one fleet")

@@ -1,10 +1,10 @@
 """The compile driver: a flat pipeline of passes from a PyTorch model to a plan and artifacts.
 
-    capture -> annotate -> units -> costs -> partition (or a given plan) -> place heads
-    -> compression -> plan -> emit
+    capture -> annotate -> units -> costs -> compression (measure codecs per cut) ->
+    partition (cut and codec together, or a given plan) -> place heads -> plan -> emit
 
-Each step takes the `Compilation` state and returns a new one. Passes that are not built
-yet (head placement, boundary compression) are no-op entries, so adding one changes a
+Each step takes the `Compilation` state and returns a new one. Passes that are off or not
+built yet (compression without --max-error, head placement) are no-op entries, so adding one changes a
 single line of `PASSES`, never the control flow around it.
 """
 
@@ -22,6 +22,7 @@ import torch
 from edgeplan.errors import ArtifactError, PlanError
 from edgeplan.passes.annotate import annotate
 from edgeplan.passes.capture import bind_inputs, capture, numpy_dtype_name, signature_of
+from edgeplan.passes.compress import CutMeasurements, measure_cuts, offer_codecs
 from edgeplan.passes.partition import (
     PartitionResult,
     StageAssignment,
@@ -34,8 +35,16 @@ from edgeplan.passes.split import split_stages
 from edgeplan.passes.units import Unit, group_units
 from edgeplan.planner.cost import CostModel, CostTables, RooflineCostModel
 from edgeplan.planner.fleet import Fleet, load_fleet
-from edgeplan.planner.plan import PLAN_FILE, Boundary, Plan, SolverReport, Stage, UnitInfo
+from edgeplan.planner.plan import (
+    PLAN_FILE,
+    Boundary,
+    Plan,
+    SolverReport,
+    Stage,
+    UnitInfo,
+)
 from edgeplan.runtime.manifest import (
+    LinkEntry,
     Manifest,
     OutputEntry,
     StageEntry,
@@ -60,6 +69,9 @@ class CompileOptions:
     cost_model: CostModel = field(default_factory=RooflineCostModel)
     name: str | None = None
     verify: bool = True
+    max_error: float | None = None
+    min_agreement: float | None = None
+    calibration_inputs: tuple | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +86,7 @@ class Compilation:
     graph: torch.fx.GraphModule | None = None
     units: tuple[Unit, ...] = ()
     tables: CostTables | None = None
+    cuts: tuple[CutMeasurements, ...] = ()
     result: PartitionResult | None = None
     plan: Plan | None = None
     timings: dict = field(default_factory=dict)
@@ -99,6 +112,16 @@ def cost_pass(c: Compilation) -> Compilation:
     in_flight = c.options.in_flight_microbatches or len(c.fleet.devices)
     tables = c.options.cost_model.costs(c.units, c.fleet, c.options.mode, in_flight)
     return dataclasses.replace(c, tables=tables)
+
+
+def compress_pass(c: Compilation) -> Compilation:
+    """Measure boundary codecs and offer those within --max-error to the partition (off without it)."""
+    if c.options.max_error is None:
+        return c
+    calibration = c.options.calibration_inputs or (c.example_inputs,)
+    cuts = measure_cuts(c.graph, c.units, calibration)
+    tables = offer_codecs(c.tables, cuts, c.options.max_error, c.options.min_agreement)
+    return dataclasses.replace(c, tables=tables, cuts=cuts)
 
 
 def partition_pass(c: Compilation) -> Compilation:
@@ -129,7 +152,12 @@ def _replay(c: Compilation, given: Plan) -> PartitionResult:
                 f"given plan: stage {stage.index} runs on {stage.device}/{stage.backend}, which the "
                 f"fleet {c.fleet.name!r} does not have; known: "
                 f"{', '.join('/'.join(s) for s in c.tables.slots)}") from None
-        stages.append(StageAssignment(slot, stage.unit_start, stage.unit_end))
+        codec = stage.boundary.codec if stage.boundary else "raw"
+        if codec not in c.tables.codec_names:
+            raise PlanError(
+                f"given plan: stage {stage.index} sends with codec {codec!r}, which was not measured; "
+                f"compile with --max-error (the plan's own budget is {given.max_error})")
+        stages.append(StageAssignment(slot, stage.unit_start, stage.unit_end, c.tables.codec_names.index(codec)))
     validate_assignment(c.tables, stages)
     value = evaluate(c.tables, stages).value(c.options.objective)
     return PartitionResult(tuple(stages), c.options.objective, value, value, 0.0, "GIVEN",
@@ -138,11 +166,6 @@ def _replay(c: Compilation, given: Plan) -> PartitionResult:
 
 def place_heads_pass(c: Compilation) -> Compilation:
     """Head-to-backend placement: not built yet, so stages keep one backend each."""
-    return c
-
-
-def compress_pass(c: Compilation) -> Compilation:
-    """Boundary compression: not built yet, so every boundary is sent raw."""
     return c
 
 
@@ -155,7 +178,15 @@ def plan_pass(c: Compilation) -> Compilation:
         last = units[assignment.end - 1]
         boundary = None
         if i + 1 < len(result.stages):
-            boundary = Boundary(tensors=last.cut_tensors, nbytes=last.cut_bytes, link_s=costs.link_s[i])
+            cut, codec = assignment.end - 1, assignment.codec
+            measured = c.cuts[cut].get(tables.codec_names[codec]) if c.cuts else None
+            boundary = Boundary(
+                tensors=last.cut_tensors, nbytes=last.cut_bytes, link_s=costs.link_s[i],
+                codec=tables.codec_names[codec], wire_bytes=int(tables.codec_wire_bytes[cut, codec]),
+                encode_s=float(tables.codec_encode_s[cut, codec]),
+                decode_s=float(tables.codec_decode_s[cut, codec]),
+                output_error=measured.output_error if measured else None,
+                agreement=measured.agreement if measured else None)
         stages.append(Stage(
             index=i, device=device, backend=backend,
             unit_start=assignment.start, unit_end=assignment.end,
@@ -182,6 +213,7 @@ def plan_pass(c: Compilation) -> Compilation:
         costs=tables,
         bottleneck_s=costs.bottleneck_s,
         latency_s=costs.latency_s,
+        max_error=c.options.max_error,
     )
     return dataclasses.replace(c, plan=plan)
 
@@ -234,6 +266,8 @@ def emit_onnx(gm, plan: Plan, units, fleet: Fleet, example_inputs, out_dir: Path
             inputs=tuple(_entry(name, env[name]) for name in stage_graph.inputs),
             outputs=tuple(_entry(name, env[name]) for name in stage_graph.outputs),
             forward=tuple(dict.fromkeys(forward)),
+            codec=stage.boundary.codec if stage.boundary else "raw",
+            link=_link_entry(fleet, stage, plan.stages),
         )
         if verify:
             entry = dataclasses.replace(entry, verified_max_abs_error=_verify(out_dir, entry, env))
@@ -247,6 +281,13 @@ def emit_onnx(gm, plan: Plan, units, fleet: Fleet, example_inputs, out_dir: Path
                       for spec, node in zip(signature.outputs, signature.output_nodes)),
         stages=tuple(entries),
     )
+
+
+def _link_entry(fleet: Fleet, stage, stages) -> LinkEntry | None:
+    if stage.boundary is None:
+        return None
+    link = fleet.link(stage.device, stages[stage.index + 1].device)
+    return LinkEntry(link.bandwidth_bytes_s, link.latency_s)
 
 
 def _verify(out_dir: Path, entry: StageEntry, env: dict) -> float:
@@ -268,9 +309,9 @@ PASSES: tuple[Callable[[Compilation], Compilation], ...] = (
     annotate_pass,
     units_pass,
     cost_pass,
+    compress_pass,
     partition_pass,
     place_heads_pass,
-    compress_pass,
     plan_pass,
     emit_pass,
 )
@@ -302,7 +343,7 @@ def compile_model(model, example_inputs, fleet="home-lab", out_dir=None, **optio
         # A replayed plan fixes how units are grouped and costed; read the file once here.
         given = given if isinstance(given, Plan) else Plan.from_json(given)
         options.update(plan_from=given, mode=given.mode, granularity=given.granularity,
-                       objective=given.solver.objective)
+                       objective=given.solver.objective, max_error=given.max_error)
     state = Compilation(model=model, example_inputs=example_inputs, fleet=load_fleet(fleet),
                         options=CompileOptions(**options),
                         out_dir=Path(out_dir) if out_dir is not None else None)

@@ -36,12 +36,23 @@ class UnitInfo:
 
 @dataclass(frozen=True)
 class Boundary:
-    """Tensors sent from a stage to the next one, their bytes, and the predicted link time."""
+    """Tensors sent from a stage to the next one: raw bytes, the codec chosen, its wire
+    bytes, and the predicted link and codec times; with compression, the errors measured
+    on the calibration inputs (relative L2 of the outputs, argmax agreement)."""
 
     tensors: tuple[TensorSpec, ...]
     nbytes: int
     link_s: float
     codec: str = "raw"
+    wire_bytes: int | None = None
+    encode_s: float = 0.0
+    decode_s: float = 0.0
+    output_error: float | None = None
+    agreement: float | None = None
+
+    @property
+    def ratio(self) -> float:
+        return self.nbytes / self.wire_bytes if self.wire_bytes else 1.0
 
 
 @dataclass(frozen=True)
@@ -85,6 +96,7 @@ class Plan:
     costs: CostTables
     bottleneck_s: float = 0.0
     latency_s: float = 0.0
+    max_error: float | None = None
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -132,6 +144,7 @@ class Plan:
                 costs=CostTables.from_dict(data["costs"]),
                 bottleneck_s=float(data.get("bottleneck_s", 0.0)),
                 latency_s=float(data.get("latency_s", 0.0)),
+                max_error=data.get("max_error"),
                 schema_version=version,
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -175,6 +188,5 @@ def _stage(data: dict) -> Stage:
         param_bytes=data["param_bytes"], memory_bytes=data["memory_bytes"],
         memory_budget_bytes=data["memory_budget_bytes"], compute_s=data["compute_s"],
         boundary=None if boundary is None else Boundary(
-            tensors=tuple(_tensor(t) for t in boundary["tensors"]), nbytes=boundary["nbytes"],
-            link_s=boundary["link_s"], codec=boundary.get("codec", "raw")),
+            **{**boundary, "tensors": tuple(_tensor(t) for t in boundary["tensors"])}),
     )

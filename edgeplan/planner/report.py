@@ -30,6 +30,9 @@ def format_plan(plan: Plan, manifest=None) -> str:
     kind, where = plan.bottleneck_index
     header = ["stage", "device", "backend", "units", "params MB", "memory MB / budget",
               "predicted ms", "boundary MB", "link ms"]
+    compressed = plan.max_error is not None
+    if compressed:
+        header += ["codec", "ratio", "out err", "agree"]
     if manifest is not None:
         header.append("|ORT-torch|")
     rows = []
@@ -44,6 +47,12 @@ def format_plan(plan: Plan, manifest=None) -> str:
                f"{stage.param_bytes / MB:.2f}",
                f"{stage.memory_bytes / MB:.1f} / {stage.memory_budget_bytes / MB:.0f}",
                compute, boundary, link]
+        if compressed:
+            b = stage.boundary
+            row += ["-", "-", "-", "-"] if b is None else [
+                b.codec, f"{b.ratio:.2f}x",
+                "-" if b.output_error is None else f"{b.output_error:.1e}",
+                "-" if b.agreement is None else f"{b.agreement:.2%}"]
         if manifest is not None:
             error = manifest.stages[stage.index].verified_max_abs_error
             row.append("-" if error is None else f"{error:.1e}")
@@ -61,6 +70,10 @@ def format_plan(plan: Plan, manifest=None) -> str:
         f"{solver.value_s * 1e3:.3f} ms  bound {solver.bound_s * 1e3:.3f} ms  gap {solver.gap:.2%}  "
         f"solve {solver.solve_time_s:.2f} s  cost model {plan.costs.model}",
     ]
+    if compressed:
+        lines.append(f"boundary codecs chosen with the partition under --max-error {plan.max_error:g} "
+                     f"(relative L2 error of the outputs on the calibration inputs; codec times "
+                     f"measured on the compiling host, included in the stage times)")
     if plan.costs.guessed_units:
         lines.append(f"guessed (no measurements): {', '.join(plan.costs.guessed_units)}")
     return "\n".join(lines)

@@ -4,7 +4,8 @@
 (with shapes and dtypes at the compiled microbatch size), and per stage: device, backend,
 ONNX Runtime execution providers, the artifact file with its sha256, the stage's inputs and
 outputs, and `forward`: the tensors that must reach the next stage (this stage's outputs
-plus anything from earlier stages still needed later).
+plus anything from earlier stages still needed later), the codec it is sent with, and the
+link to the next stage (bandwidth, latency) so a local run can emulate it.
 
 Torch-free; the compiler writes it with `write_manifest`, devices read it with `read_manifest`.
 """
@@ -49,6 +50,12 @@ class Artifact:
 
 
 @dataclass(frozen=True)
+class LinkEntry:
+    bandwidth_bytes_s: float
+    latency_s: float
+
+
+@dataclass(frozen=True)
 class StageEntry:
     index: int
     device: str
@@ -59,6 +66,8 @@ class StageEntry:
     outputs: tuple[TensorEntry, ...]
     forward: tuple[str, ...]
     verified_max_abs_error: float | None = None
+    codec: str = "raw"  # how `forward` is sent to the next stage
+    link: LinkEntry | None = None  # the link to the next stage, for emulated runs
 
 
 @dataclass(frozen=True)
@@ -119,6 +128,8 @@ def read_manifest(directory: str | Path, verify: bool = True) -> Manifest:
                     outputs=tuple(_tensor(t) for t in s["outputs"]),
                     forward=tuple(s["forward"]),
                     verified_max_abs_error=s.get("verified_max_abs_error"),
+                    codec=s.get("codec", "raw"),
+                    link=LinkEntry(**s["link"]) if s.get("link") else None,
                 )
                 for s in data["stages"]
             ),

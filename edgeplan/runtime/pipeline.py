@@ -1,10 +1,14 @@
 """Local pipeline: run the stages of a compiled model as a microbatched pipeline of threads.
 
-A batch is cut along dim 0 into microbatches of the compiled batch size. One thread per
-stage takes (sequence number, tensors) from a bounded queue, runs its session, keeps the
-tensors the next stage needs (`forward` in the manifest) and passes them on; ONNX Runtime
-releases the GIL, so stages overlap. Outputs are collected in order and concatenated
-along dim 0 (an output without a batch dimension is stacked, one entry per microbatch).
+A batch is cut along dim 0 into microbatches of the compiled batch size. The pipeline is
+a list of steps, one thread each, joined by bounded queues: a stage step decodes what it
+received, runs its session, keeps the tensors the next stage needs (`forward` in the
+manifest) and encodes them with the boundary's codec; with `emulate_links`, a link step
+between two stages holds each message for latency + wire bytes / bandwidth, like the
+real link would (timings from such runs are emulated, not measured on devices). ONNX
+Runtime releases the GIL, so steps overlap. Outputs are collected in order and
+concatenated along dim 0 (an output without a batch dimension is stacked, one entry per
+microbatch).
 """
 
 from __future__ import annotations
@@ -19,7 +23,14 @@ from pathlib import Path
 import numpy as np
 
 from edgeplan.errors import EdgeplanError, InputError, StageError
-from edgeplan.runtime.manifest import Manifest, TensorEntry, read_manifest
+from edgeplan.runtime.codecs import decode, encode
+from edgeplan.runtime.manifest import (
+    LinkEntry,
+    Manifest,
+    StageEntry,
+    TensorEntry,
+    read_manifest,
+)
 from edgeplan.runtime.session import StageSession
 
 QUEUE_DEPTH = 2
@@ -28,11 +39,51 @@ _DONE = object()
 
 @dataclass(frozen=True)
 class RunStats:
-    """Measured wall time of the last run and per-stage busy time per microbatch."""
+    """Wall time of the last run; busy time per microbatch of each stage (codecs included)
+    and of each emulated link."""
 
     microbatches: int
     wall_s: float
     stage_mean_s: tuple[float, ...]
+    link_mean_s: tuple[float, ...] = ()
+
+    @property
+    def throughput_per_s(self) -> float:
+        return self.microbatches / self.wall_s if self.wall_s else float("inf")
+
+
+class _StageStep:
+    """Decode incoming payloads, run the stage, forward what later stages need, encode it."""
+
+    kind = "stage"
+
+    def __init__(self, session: StageSession, last: bool):
+        self.session = session
+        self.forward = session.stage.forward
+        self.codec = None if last or session.stage.codec == "raw" else session.stage.codec
+
+    def __call__(self, tensors: dict) -> dict:
+        tensors = {name: decode(value) if isinstance(value, bytes) else value
+                   for name, value in tensors.items()}
+        available = {**tensors, **self.session.run(tensors)}
+        forwarded = {name: available[name] for name in self.forward}
+        if self.codec is None:
+            return forwarded
+        return {name: encode(array, self.codec) for name, array in forwarded.items()}
+
+
+class _LinkStep:
+    """Hold each message for as long as the link would take to carry it (emulation)."""
+
+    kind = "link"
+
+    def __init__(self, link: LinkEntry):
+        self.link = link
+
+    def __call__(self, tensors: dict) -> dict:
+        wire = sum(len(v) if isinstance(v, bytes) else v.nbytes for v in tensors.values())
+        time.sleep(self.link.latency_s + wire / self.link.bandwidth_bytes_s)
+        return tensors
 
 
 def _is_batched(entry, batch_size: int) -> bool:
@@ -42,13 +93,20 @@ def _is_batched(entry, batch_size: int) -> bool:
 class Pipeline:
     """Compiled stages, ready to run: `run({"input_ids": ids}) -> {"logits": ...}`."""
 
-    def __init__(self, directory: str | Path, threads_per_stage: int | None = None):
+    def __init__(self, directory: str | Path, threads_per_stage: int | None = None,
+                 emulate_links: bool = False):
         self.directory = Path(directory)
         self.manifest: Manifest = read_manifest(self.directory)
         if threads_per_stage is None:
             threads_per_stage = max(1, (os.cpu_count() or 1) // len(self.manifest.stages))
         self.sessions = [StageSession(self.directory, stage, threads_per_stage)
                          for stage in self.manifest.stages]
+        self.steps: list = []
+        for session in self.sessions:
+            last = session is self.sessions[-1]
+            self.steps.append(_StageStep(session, last))
+            if emulate_links and not last:
+                self.steps.append(_LinkStep(_require_link(session.stage)))
         self.last_stats: RunStats | None = None
 
     @property
@@ -100,36 +158,34 @@ class Pipeline:
         """Run a batch (a multiple of the compiled batch size) through the pipeline."""
         microbatches = self._microbatches(inputs)
         started = time.perf_counter()
-        queues = [queue.Queue(maxsize=QUEUE_DEPTH) for _ in range(len(self.sessions) + 1)]
+        queues = [queue.Queue(maxsize=QUEUE_DEPTH) for _ in range(len(self.steps) + 1)]
         errors: list[BaseException] = []
-        busy = [0.0] * len(self.sessions)
+        busy = [0.0] * len(self.steps)
 
         def feed():
             for index, feeds in enumerate(microbatches):
                 queues[0].put((index, feeds))
             queues[0].put(_DONE)
 
-        def work(position: int, session: StageSession):
+        def work(position: int, step):
             inbox, outbox = queues[position], queues[position + 1]
-            forward = session.stage.forward
             while (item := inbox.get()) is not _DONE:
                 if errors:
                     continue  # drain so upstream never blocks; the error is reported once
                 index, tensors = item
                 try:
                     tick = time.perf_counter()
-                    produced = session.run(tensors)
+                    result = step(tensors)
                     busy[position] += time.perf_counter() - tick
-                    available = {**tensors, **produced}
-                    outbox.put((index, {name: available[name] for name in forward}))
-                except Exception as exc:  # a stage failure ends the run with its name on it
+                    outbox.put((index, result))
+                except Exception as exc:  # a failing step ends the run with its name on it
                     errors.append(exc if isinstance(exc, EdgeplanError) else StageError(
-                        f"stage {session.stage.index} on {session.stage.device}: {exc}"))
+                        f"{step.kind} step {position} failed: {exc.__class__.__name__}: {exc}"))
             outbox.put(_DONE)
 
         threads = [threading.Thread(target=feed, daemon=True)]
-        threads += [threading.Thread(target=work, args=(i, s), daemon=True)
-                    for i, s in enumerate(self.sessions)]
+        threads += [threading.Thread(target=work, args=(i, step), daemon=True)
+                    for i, step in enumerate(self.steps)]
         for thread in threads:
             thread.start()
         results = []
@@ -140,8 +196,11 @@ class Pipeline:
         if errors:
             raise errors[0]
         results.sort(key=lambda item: item[0])
-        self.last_stats = RunStats(len(microbatches), time.perf_counter() - started,
-                                   tuple(b / len(microbatches) for b in busy))
+        count = len(microbatches)
+        self.last_stats = RunStats(
+            count, time.perf_counter() - started,
+            tuple(b / count for b, step in zip(busy, self.steps) if step.kind == "stage"),
+            tuple(b / count for b, step in zip(busy, self.steps) if step.kind == "link"))
         return self._gather([tensors for _, tensors in results])
 
     def _gather(self, per_microbatch: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -157,9 +216,20 @@ class Pipeline:
         return outputs
 
 
-def load(directory: str | Path, threads_per_stage: int | None = None) -> Pipeline:
-    """Load a compiled model directory (verifying artifact hashes) into a runnable Pipeline."""
-    return Pipeline(directory, threads_per_stage)
+def _require_link(stage: StageEntry) -> LinkEntry:
+    if stage.link is None:
+        raise InputError(f"stage {stage.index}: the manifest has no link to the next stage to "
+                         f"emulate; recompile with this edgeplan version")
+    return stage.link
+
+
+def load(directory: str | Path, threads_per_stage: int | None = None,
+         emulate_links: bool = False) -> Pipeline:
+    """Load a compiled model directory (verifying artifact hashes) into a runnable Pipeline.
+
+    With `emulate_links`, messages between stages are delayed as the planned links would.
+    """
+    return Pipeline(directory, threads_per_stage, emulate_links)
 
 
 __all__ = ["Pipeline", "RunStats", "TensorEntry", "load"]
