@@ -23,7 +23,6 @@ from edgeplan.errors import ArtifactError
 from edgeplan.passes.split import StageGraph
 from edgeplan.runtime.manifest import Artifact, sha256_of
 
-
 INT64_MAX = 2**63 - 1
 
 

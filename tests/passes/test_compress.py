@@ -4,7 +4,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import load_example
+from conftest import ROOT, load_example
 from torch import nn
 
 import edgeplan
@@ -125,3 +125,19 @@ def test_meta_weights_cannot_be_calibrated():
     model, inputs = load_example("gpt").build(device="meta")
     with pytest.raises(PlanError, match="meta device.*--max-error"):
         edgeplan.compile(model, inputs, fleet="pi-cluster", max_error=0.01)
+
+
+def test_cli_max_error_and_emulated_run(tmp_path, capsys):
+    from edgeplan.cli import main
+
+    fleet = tmp_path / "slow.toml"
+    fleet.write_text(SLOW_FLEET)
+    out = tmp_path / "resnet"
+    assert main(["compile", str(ROOT / "examples/resnet.py:build"), "--fleet", str(fleet), "-o", str(out),
+                 "--stages", "2", "--max-error", "0.01", "--time-limit", "5"]) == 0
+    table = capsys.readouterr().out
+    assert "codec" in table and "agree" in table and "--max-error 0.01" in table
+    inputs = tmp_path / "x.npz"
+    np.savez(inputs, pixels=np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32))
+    assert main(["run", str(out), "--inputs", str(inputs), "--emulate-links"]) == 0
+    assert "emulated link ms/microbatch" in capsys.readouterr().out
