@@ -100,22 +100,23 @@ def cmd_inspect(args) -> int:
     from edgeplan.planner.plan import Plan
     from edgeplan.planner.report import format_plan
     from edgeplan.runtime.manifest import MANIFEST_FILE, read_manifest
+    from edgeplan.runtime.pipeline import latest_run
 
     plan = Plan.from_json(args.directory)
     if args.json:
         print(json.dumps(plan.to_dict(), indent=1))
         return 0
     directory = Path(args.directory)
-    manifest = (read_manifest(directory, verify=False)
-                if directory.is_dir() and (directory / MANIFEST_FILE).is_file() else None)
-    print(format_plan(plan, manifest))
+    compiled = directory.is_dir() and (directory / MANIFEST_FILE).is_file()
+    manifest = read_manifest(directory, verify=False) if compiled else None
+    print(format_plan(plan, manifest, latest_run(directory) if compiled else None))
     return 0
 
 
 def cmd_run(args) -> int:
     import numpy as np
 
-    from edgeplan.runtime import load
+    from edgeplan.runtime import load, record_run
 
     pipe = load(args.directory, emulate_links=args.emulate_links)
     try:
@@ -136,7 +137,8 @@ def cmd_run(args) -> int:
     print(f"ran {stats.microbatches} microbatch(es) through {len(pipe.sessions)} stage(s) in "
           f"{stats.wall_s * 1e3:.1f} ms ({stats.throughput_per_s:.1f} microbatches/s); stage busy "
           f"ms/microbatch: {', '.join(f'{t * 1e3:.2f}' for t in stats.stage_mean_s)}{links}")
-    print(f"wrote {output_path}: {shapes}")
+    record_run(args.directory, stats, args.emulate_links)
+    print(f"wrote {output_path}: {shapes}; measurements appended to {args.directory}/runs.jsonl")
     return 0
 
 

@@ -172,6 +172,9 @@ def test_cli_compile_inspect_run(tmp_path, capsys):
     inputs = tmp_path / "x.npz"
     np.savez(inputs, input_ids=np.random.default_rng(0).integers(0, 512, (4, 32)))
     assert main(["run", str(out), "--inputs", str(inputs), "-o", str(tmp_path / "y.npz")]) == 0
+    assert main(["inspect", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "measured ms" in shown and "runs.jsonl" in shown
     with np.load(tmp_path / "y.npz") as outputs:
         assert outputs["output"].shape == (4, 32, 512)
 

@@ -25,14 +25,20 @@ def _units_label(units: tuple[str, ...]) -> str:
     return units[0] if len(units) == 1 else f"{units[0]} .. {units[-1]} ({len(units)})"
 
 
-def format_plan(plan: Plan, manifest=None) -> str:
-    """The inspect table: one row per stage, the bottleneck marked, then solver facts."""
+def format_plan(plan: Plan, manifest=None, run: dict | None = None) -> str:
+    """The inspect table: one row per stage, the bottleneck marked, then solver facts.
+
+    With `run` (the latest record of runs.jsonl), each stage also shows its measured busy
+    time per microbatch next to the prediction.
+    """
     kind, where = plan.bottleneck_index
     header = ["stage", "device", "backend", "units", "params MB", "memory MB / budget",
               "predicted ms", "boundary MB", "link ms"]
     compressed = plan.max_error is not None
     if compressed:
         header += ["codec", "ratio", "out err", "agree"]
+    if run is not None:
+        header.append("measured ms")
     if manifest is not None:
         header.append("|ORT-torch|")
     rows = []
@@ -53,6 +59,8 @@ def format_plan(plan: Plan, manifest=None) -> str:
                 b.codec, f"{b.ratio:.2f}x",
                 "-" if b.output_error is None else f"{b.output_error:.1e}",
                 "-" if b.agreement is None else f"{b.agreement:.2%}"]
+        if run is not None:
+            row.append(f"{run['stage_mean_s'][stage.index] * 1e3:.3f}")
         if manifest is not None:
             error = manifest.stages[stage.index].verified_max_abs_error
             row.append("-" if error is None else f"{error:.1e}")
@@ -70,6 +78,11 @@ def format_plan(plan: Plan, manifest=None) -> str:
         f"{solver.value_s * 1e3:.3f} ms  bound {solver.bound_s * 1e3:.3f} ms  gap {solver.gap:.2%}  "
         f"solve {solver.solve_time_s:.2f} s  cost model {plan.costs.model}",
     ]
+    if run is not None:
+        lines.append(f"measured: latest of runs.jsonl, {run['microbatches']} microbatches on host "
+                     f"{run['host']!r} (this machine's CPU, not the planned devices), "
+                     f"{run['microbatches'] / run['wall_s']:.1f} microbatches/s"
+                     + (" with emulated links" if run["emulated_links"] else ""))
     if compressed:
         lines.append(f"boundary codecs chosen with the partition under --max-error {plan.max_error:g} "
                      f"(relative L2 error of the outputs on the calibration inputs; codec times "

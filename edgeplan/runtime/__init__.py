@@ -5,6 +5,6 @@
 """
 
 from edgeplan.runtime.manifest import Manifest, read_manifest
-from edgeplan.runtime.pipeline import Pipeline, RunStats, load
+from edgeplan.runtime.pipeline import Pipeline, RunStats, latest_run, load, record_run
 
-__all__ = ["Manifest", "Pipeline", "RunStats", "load", "read_manifest"]
+__all__ = ["Manifest", "Pipeline", "RunStats", "latest_run", "load", "read_manifest", "record_run"]

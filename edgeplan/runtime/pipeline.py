@@ -13,7 +13,9 @@ microbatch).
 
 from __future__ import annotations
 
+import json
 import os
+import platform
 import queue
 import threading
 import time
@@ -50,6 +52,34 @@ class RunStats:
     @property
     def throughput_per_s(self) -> float:
         return self.microbatches / self.wall_s if self.wall_s else float("inf")
+
+
+RUNS_FILE = "runs.jsonl"
+
+
+def record_run(directory: str | Path, stats: RunStats, emulated_links: bool) -> Path:
+    """Append one run's measurements to DIR/runs.jsonl (one JSON object a line).
+
+    Fields: unix time, host, microbatches, wall_s, stage_mean_s (busy seconds per
+    microbatch, codecs included), link_mean_s (emulated links), emulated_links. `inspect`
+    shows the latest next to the predictions.
+    """
+    path = Path(directory) / RUNS_FILE
+    record = {"time": time.time(), "host": platform.node(), "microbatches": stats.microbatches,
+              "wall_s": stats.wall_s, "stage_mean_s": list(stats.stage_mean_s),
+              "link_mean_s": list(stats.link_mean_s), "emulated_links": emulated_links}
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    return path
+
+
+def latest_run(directory: str | Path) -> dict | None:
+    """The last record of DIR/runs.jsonl, or None when nothing was recorded."""
+    path = Path(directory) / RUNS_FILE
+    if not path.is_file():
+        return None
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    return json.loads(lines[-1]) if lines else None
 
 
 class _StageStep:
