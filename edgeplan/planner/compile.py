@@ -44,6 +44,7 @@ from edgeplan.planner.plan import (
     UnitInfo,
 )
 from edgeplan.runtime.manifest import (
+    MANIFEST_FILE,
     LinkEntry,
     Manifest,
     OutputEntry,
@@ -228,9 +229,13 @@ def emit_pass(c: Compilation) -> Compilation:
             "artifacts; build the model with real weights to emit, or plan only "
             "(edgeplan.compile(..., out_dir=None) / `edgeplan compile --plan-only`)")
     c.out_dir.mkdir(parents=True, exist_ok=True)
+    # An earlier manifest must not describe half-rewritten artifacts if this emit fails:
+    # remove it first, write plan and manifest only once every stage is exported.
+    (c.out_dir / MANIFEST_FILE).unlink(missing_ok=True)
+    manifest = emit_onnx(c.graph, c.plan, c.units, c.fleet, c.example_inputs, c.out_dir,
+                         verify=c.options.verify)
     c.plan.to_json(c.out_dir / PLAN_FILE)
-    write_manifest(emit_onnx(c.graph, c.plan, c.units, c.fleet, c.example_inputs, c.out_dir,
-                             verify=c.options.verify), c.out_dir)
+    write_manifest(manifest, c.out_dir)
     return c
 
 
