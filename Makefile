@@ -23,6 +23,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/partition.py
+	$(BIN)/python bench/compress.py
 	$(BIN)/python -m pytest -q -m slow
 
 clean:
