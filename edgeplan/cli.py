@@ -142,6 +142,32 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    from edgeplan.planner.profile import ProfileStore, format_profiles, profile_units
+
+    factory = load_factory(args.model)
+    built = factory()
+    if not (isinstance(built, tuple) and len(built) == 2):
+        raise EdgeplanError(f"model {args.model!r}: the factory must return (model, example_inputs)")
+    model, example_inputs = built
+
+    def progress(done: int, total: int, label: str) -> None:
+        filled = int(30 * done / total) if total else 30
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {done}/{total} {label[:40]:<40}")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    records = profile_units(
+        model, example_inputs, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
+        name=args.model.rpartition(":")[0].rpartition("/")[2].removesuffix(".py") or None,
+        progress=progress)
+    written = ProfileStore(args.store).append(records)
+    print(format_profiles(records))
+    print(f"\nappended {written} record(s) to {args.store}")
+    return 0
+
+
 def cmd_fleets(args) -> int:
     from edgeplan.planner.fleet import list_fleets, list_presets, load_fleet
 
@@ -192,6 +218,16 @@ def build_parser() -> argparse.ArgumentParser:
     run_parser.add_argument("--emulate-links", action="store_true",
                             help="delay boundaries as the planned links would (timings are emulated)")
     run_parser.set_defaults(handler=cmd_run)
+
+    profile_parser = sub.add_parser("profile", help="measure per-unit latency on this host's ONNX Runtime CPU")
+    profile_parser.add_argument("model", help="FILE_OR_MODULE:FACTORY returning (model, example_inputs)")
+    profile_parser.add_argument("--store", default="profiles.jsonl",
+                                help="profile store to append to (default ./profiles.jsonl)")
+    profile_parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                                help="intra-op thread counts, one backend host-cpuN each (default 1 2)")
+    profile_parser.add_argument("--repeats", type=int, default=15, help="timed runs per unit (default 15)")
+    profile_parser.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
+    profile_parser.set_defaults(handler=cmd_profile)
 
     fleets_parser = sub.add_parser("fleets", help="list fleet and device presets, or show one fleet")
     fleets_parser.add_argument("name", nargs="?")

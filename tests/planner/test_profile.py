@@ -1,0 +1,146 @@
+"""Per-unit profiling on the host's ONNX Runtime CPU backends, and the profile store."""
+
+import json
+import statistics
+
+import pytest
+from conftest import EXAMPLES, load_example
+
+import edgeplan
+from edgeplan.cli import main
+from edgeplan.errors import EdgeplanError
+from edgeplan.planner.profile import (
+    FORMAT,
+    OP_KINDS,
+    ProfileStore,
+    UnitProfile,
+    profile_units,
+    robust_stats,
+)
+
+TINY = {"n_layer": 2, "d_model": 64, "n_head": 2, "vocab": 128, "seq": 16}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_example("gpt").build(**TINY)
+
+
+@pytest.fixture(scope="module")
+def profiled(tiny):
+    model, inputs = tiny
+    calls = []
+    records = profile_units(model, inputs, threads=(1, 2), repeats=5,
+                            progress=lambda done, total, label: calls.append((done, total, label)))
+    return records, calls
+
+
+def test_every_unit_has_a_record_per_backend(profiled):
+    records, calls = profiled
+    units = list(dict.fromkeys(r.unit for r in records))
+    assert units[0] == "tok_emb" and "blocks.0" in units and "blocks.1" in units and units[-1] == "head"
+    for backend in ("host-cpu1", "host-cpu2"):
+        rows = [r for r in records if r.backend == backend]
+        assert [r.unit for r in rows] == units
+        for r in rows:
+            assert r.device == "host" and r.model == "GPT" and r.repeats == 5
+            assert r.median_s > 0
+            assert r.p10_s <= r.median_s <= r.p90_s
+    block = next(r for r in records if r.unit == "blocks.0")
+    assert block.features["flops"] > 0 and block.features["param_bytes"] > 0
+    assert block.features["matmul_count"] == 4 and block.features["attention_count"] == 1
+    assert all(f"{kind}_count" in block.features and f"{kind}_flops" in block.features
+               for kind in OP_KINDS)
+    assert sum(block.features[f"{k}_flops"] for k in OP_KINDS) == block.features["flops"]
+    # progress: starts at 0, counts up by one to the total
+    assert [c[0] for c in calls] == list(range(calls[-1][1] + 1))
+    assert calls[-1][1] == len(units) * 3
+
+
+def test_robust_stats_counts_outliers():
+    median, p10, p90, outliers = robust_stats([1.0, 1.1, 0.9, 1.0, 1.05, 0.95, 50.0])
+    assert median == 1.0 and p10 <= median <= p90 and outliers == 1
+    assert robust_stats([2.0] * 4) == (2.0, 2.0, 2.0, 0)
+
+
+def test_store_round_trips_and_appends(profiled, tmp_path):
+    records, _ = profiled
+    store = ProfileStore(tmp_path / "profiles.jsonl")
+    store.append(records)
+    store.append(records)
+    loaded = store.load()
+    assert loaded == records + records
+    for line in (tmp_path / "profiles.jsonl").read_text().splitlines():
+        data = json.loads(line)
+        assert data["format"] == FORMAT and data["version"] == 1
+    cpu2 = store.for_backend("host", "host-cpu2")
+    assert len(cpu2) == 2 * sum(r.backend == "host-cpu2" for r in records)
+    assert store.for_backend("pi5", "host-cpu2") == []
+
+
+def test_corrupt_line_names_file_and_line(profiled, tmp_path):
+    records, _ = profiled
+    path = tmp_path / "profiles.jsonl"
+    store = ProfileStore(path)
+    store.append(records[:2])
+    with open(path, "a") as out:
+        out.write('{"format": "edgeplan-profile", "version": 1, "model": "GPT"')  # cut short
+    store.append(records[2:3])  # starts on a fresh line, so only line 3 is damaged
+    with pytest.raises(EdgeplanError, match=r"profiles\.jsonl, line 3"):
+        store.load()
+    path.write_text(json.dumps({**records[0].to_dict(), "median_s": "fast"}) + "\n")
+    with pytest.raises(EdgeplanError, match="line 1.*median_s"):
+        store.load()
+    path.write_text(json.dumps({**records[0].to_dict(), "version": 2}) + "\n")
+    with pytest.raises(EdgeplanError, match="line 1.*version 2"):
+        store.load()
+    with pytest.raises(EdgeplanError, match="no such file"):
+        ProfileStore(tmp_path / "missing.jsonl").load()
+
+
+def test_unit_sum_matches_whole_model(tiny, profiled, tmp_path):
+    """Sum of single-thread unit medians vs the whole model compiled as one ONNX stage.
+
+    Compared with the stage's busy time inside `Pipeline.run` (the session run itself):
+    the run's wall time also pays a fixed ~0.5 ms for starting the pipeline's threads,
+    which is no unit's cost and dwarfs this tiny model (printed, not asserted).
+    """
+    model, inputs = tiny
+    records, _ = profiled
+    unit_sum = sum(r.median_s for r in records if r.backend == "host-cpu1")
+    edgeplan.compile(model, inputs, fleet="pi-cluster", out_dir=tmp_path, num_stages=1)
+    pipe = edgeplan.runtime.load(tmp_path, threads_per_stage=1)
+    feeds = {name: value.numpy() for name, value in inputs.items()}
+    for _ in range(3):
+        pipe.run(feeds)
+    stage, wall = [], []
+    for _ in range(15):
+        pipe.run(feeds)
+        stage.append(pipe.last_stats.stage_mean_s[0])
+        wall.append(pipe.last_stats.wall_s)
+    whole, whole_wall = statistics.median(stage), statistics.median(wall)
+    ratio = unit_sum / whole
+    print(f"\nsum of unit medians {unit_sum * 1e3:.3f} ms; whole-model stage {whole * 1e3:.3f} ms "
+          f"(ratio {ratio:.2f}); Pipeline.run wall {whole_wall * 1e3:.3f} ms "
+          f"(ratio {unit_sum / whole_wall:.2f})")
+    assert 1 / 3 <= ratio <= 3
+
+
+def test_cli_profile_writes_store(tmp_path, capsys):
+    factory = tmp_path / "tiny_gpt.py"
+    factory.write_text(
+        "from edgeplan.cli import load_module\n"
+        f"gpt = load_module({str(EXAMPLES / 'gpt.py')!r})\n"
+        "def build():\n"
+        "    return gpt.build(n_layer=1, d_model=32, n_head=2, vocab=64, seq=8)\n")
+    store = tmp_path / "out" / "profiles.jsonl"
+    code = main(["profile", f"{factory}:build", "--store", str(store), "--threads", "1", "2",
+                 "--repeats", "3"])
+    assert code == 0
+    records = ProfileStore(store).load()
+    assert {r.backend for r in records} == {"host-cpu1", "host-cpu2"}
+    assert all(isinstance(r, UnitProfile) and r.model == "tiny_gpt" for r in records)
+    captured = capsys.readouterr()
+    assert "host/host-cpu1" in captured.out and "host/host-cpu2" in captured.out
+    assert "total" in captured.out and str(store) in captured.out
+    assert "\r" in captured.err
