@@ -20,7 +20,7 @@ import torch
 import torch.fx
 
 from edgeplan.errors import CaptureError
-from edgeplan.passes.capture import numpy_dtype_name, signature_of
+from edgeplan.passes.capture import fetch_attr, numpy_dtype_name, signature_of
 from edgeplan.passes.records import COST_KEY, TENSOR_KEY, OpCost, TensorSpec
 
 aten = torch.ops.aten
@@ -111,7 +111,7 @@ def annotate(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
             node.meta[TENSOR_KEY] = spec
             node.meta[COST_KEY] = OpCost("input", 0, 0, spec.nbytes if spec else 0)
         elif node.op == "get_attr":
-            value = _fetch_attr(gm, node.target)
+            value = fetch_attr(gm, node.target)
             spec = _tensor_spec(node.name, value)
             nbytes = spec.nbytes if spec else 0
             node.meta[TENSOR_KEY] = spec
@@ -147,10 +147,3 @@ def _tuple_bytes(value) -> int:
     if isinstance(value, (tuple, list)):
         return sum(int(v.numel()) * v.element_size() for v in value if isinstance(v, torch.Tensor))
     return 0
-
-
-def _fetch_attr(gm: torch.fx.GraphModule, target: str):
-    value = gm
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value

@@ -149,6 +149,14 @@ def bind_inputs(signature: ModelSignature, example_inputs) -> dict[str, torch.Te
             for spec in signature.inputs}
 
 
+def fetch_attr(gm: torch.fx.GraphModule, target: str):
+    """The tensor or module a `get_attr` target ("layers.0.weight") names in `gm`."""
+    value = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
 def signature_of(gm: torch.fx.GraphModule) -> ModelSignature:
     """The ModelSignature of a captured graph; a clear error if `capture` was skipped."""
     signature = gm.meta.get(SIGNATURE_KEY)

@@ -26,7 +26,7 @@ import torch
 import torch.fx
 
 from edgeplan.errors import PlanError
-from edgeplan.passes.capture import bind_inputs, signature_of
+from edgeplan.passes.capture import bind_inputs, fetch_attr, signature_of
 from edgeplan.passes.units import Unit
 from edgeplan.planner.cost import CostTables
 from edgeplan.runtime.codecs import Codec, all_codecs, decode
@@ -92,7 +92,7 @@ class _Replayer:
             if node.op == "placeholder":
                 env[node] = inputs[node.name]
             elif node.op == "get_attr":
-                env[node] = _fetch(self.gm, node.target)
+                env[node] = fetch_attr(self.gm, node.target)
             elif node.op == "call_function":
                 args = torch.fx.node.map_arg(node.args, env.__getitem__)
                 kwargs = torch.fx.node.map_arg(node.kwargs, env.__getitem__)
@@ -111,13 +111,6 @@ class _Replayer:
         with torch.no_grad():
             self._run(env, after_position + 1)
         return self._outputs(env)
-
-
-def _fetch(gm, target: str):
-    value = gm
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def _timed(action, repeats: int = TIMING_REPEATS):

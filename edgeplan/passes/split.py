@@ -12,13 +12,14 @@ returns them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.fx
 from torch.fx.passes.split_module import split_module
 
 from edgeplan.errors import PlanError
+from edgeplan.passes.capture import fetch_attr
 from edgeplan.passes.records import ORIGIN_KEY, UNIT_KEY
 
 
@@ -57,12 +58,27 @@ def split_stages(gm: torch.fx.GraphModule, stage_of_unit: Sequence[int]) -> list
     return stages
 
 
+def run_stages(stage_graphs: Sequence[StageGraph], env: dict) -> Iterator[tuple[StageGraph, tuple]]:
+    """Run the stages in order in torch; yield each with the inputs it got.
+
+    `env` maps tensor names to tensors (the model inputs to start with) and gains every
+    stage's outputs, so later stages find what earlier ones produced.
+    """
+    for stage_graph in stage_graphs:
+        args = tuple(env[name] for name in stage_graph.inputs)
+        with torch.no_grad():
+            produced = stage_graph.module(*args)
+        produced = produced if isinstance(produced, (tuple, list)) else (produced,)
+        env.update(zip(stage_graph.outputs, produced))
+        yield stage_graph, args
+
+
 def _inline_weights(gm: torch.fx.GraphModule, module: torch.fx.GraphModule,
                     weight_targets: dict[str, str]) -> None:
     graph = module.graph
     first = next(n for n in graph.nodes if n.op != "placeholder")  # weights go after the inputs
     for placeholder in [n for n in graph.nodes if n.op == "placeholder" and n.name in weight_targets]:
-        tensor = _fetch(gm, weight_targets[placeholder.name])
+        tensor = fetch_attr(gm, weight_targets[placeholder.name])
         attribute = placeholder.name
         if isinstance(tensor, torch.nn.Parameter):
             module.register_parameter(attribute, torch.nn.Parameter(tensor.detach(), requires_grad=False))
@@ -75,10 +91,3 @@ def _inline_weights(gm: torch.fx.GraphModule, module: torch.fx.GraphModule,
         graph.erase_node(placeholder)
     graph.lint()
     module.recompile()
-
-
-def _fetch(gm: torch.fx.GraphModule, target: str):
-    value = gm
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value

@@ -31,7 +31,7 @@ from edgeplan.passes.partition import (
     validate_assignment,
 )
 from edgeplan.passes.records import ModelSignature
-from edgeplan.passes.split import split_stages
+from edgeplan.passes.split import run_stages, split_stages
 from edgeplan.passes.units import Unit, group_units
 from edgeplan.planner.cost import CostModel, CostTables, RooflineCostModel
 from edgeplan.planner.fleet import Fleet, load_fleet
@@ -251,12 +251,7 @@ def emit_onnx(gm, plan: Plan, units, fleet: Fleet, example_inputs, out_dir: Path
     env = bind_inputs(signature, example_inputs)
     target = OnnxTarget()
     entries = []
-    for stage, stage_graph in zip(plan.stages, stage_graphs):
-        args = tuple(env[name] for name in stage_graph.inputs)
-        with torch.no_grad():
-            produced = stage_graph.module(*args)
-        produced = produced if isinstance(produced, (tuple, list)) else (produced,)
-        env.update(zip(stage_graph.outputs, produced))
+    for stage, (stage_graph, args) in zip(plan.stages, run_stages(stage_graphs, env)):
         forward = (tuple(t.name for t in stage.boundary.tensors) if stage.boundary
                    else signature.output_nodes)
         missing = [name for name in forward if name not in env]

@@ -241,11 +241,10 @@ def profile_units(model, example_inputs, *, threads: Sequence[int] = (1, 2), war
     after each export and each timing (and once with done=0 before starting).
     """
     import onnxruntime as ort
-    import torch
 
     from edgeplan.passes.annotate import annotate
     from edgeplan.passes.capture import bind_inputs, capture, signature_of
-    from edgeplan.passes.split import split_stages
+    from edgeplan.passes.split import run_stages, split_stages
     from edgeplan.passes.units import group_units
     from edgeplan.targets.onnx import OnnxTarget
 
@@ -282,12 +281,7 @@ def profile_units(model, example_inputs, *, threads: Sequence[int] = (1, 2), war
     records: list[UnitProfile] = []
     with tempfile.TemporaryDirectory(prefix="edgeplan-profile-") as tmp:
         exported = []
-        for unit, stage_graph in zip(units, stage_graphs):
-            args = tuple(env[n] for n in stage_graph.inputs)
-            with torch.no_grad():
-                produced = stage_graph.module(*args)
-            produced = produced if isinstance(produced, (tuple, list)) else (produced,)
-            env.update(zip(stage_graph.outputs, produced))
+        for unit, (stage_graph, args) in zip(units, run_stages(stage_graphs, env)):
             artifact = target.emit(stage_graph, unit.index, args, Path(tmp))
             feeds = {n: a.detach().cpu().numpy() for n, a in zip(stage_graph.inputs, args)}
             exported.append((unit, Path(tmp) / artifact.path, feeds))
