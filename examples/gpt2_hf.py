@@ -14,7 +14,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from hf_logits import LogitsOnly  # noqa: E402  (the file next to this one)
+from hf_logits import LogitsOnly, build_causal_lm  # noqa: E402  (the file next to this one)
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 SMALL_CONFIG = dict(n_embd=128, n_layer=4, n_head=4, vocab_size=512, n_positions=128)
@@ -44,11 +44,7 @@ def build(
         use_cache=False,
         attn_implementation=attn_implementation,
     )
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LogitsOnly(GPT2LMHeadModel(config).to(dtype))
-        input_ids = torch.randint(0, config.vocab_size, (batch, seq))
-    return model.eval(), {"input_ids": input_ids}
+    return build_causal_lm(GPT2LMHeadModel, config, batch=batch, seq=seq, device=device, dtype=dtype)
 
 
 if __name__ == "__main__":

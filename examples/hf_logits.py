@@ -1,4 +1,4 @@
-"""The wrapper the HuggingFace examples share: forward(input_ids) -> logits only."""
+"""What the HuggingFace examples share: a logits-only wrapper and the seeded build."""
 
 import torch
 from torch import nn
@@ -15,3 +15,14 @@ class LogitsOnly(nn.Module):
         # Without a KV cache the output is just logits; unwrapping the ModelOutput keeps
         # the captured graph to a single tensor output.
         return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+def build_causal_lm(model_class, config, *, batch: int, seq: int, device: str,
+                    dtype: torch.dtype) -> tuple[LogitsOnly, dict[str, torch.Tensor]]:
+    """`model_class(config)` with seeded random weights on `device`, wrapped, in eval mode,
+    with random example `input_ids` [batch, seq] (meta tensors when device="meta")."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LogitsOnly(model_class(config).to(dtype))
+        input_ids = torch.randint(0, config.vocab_size, (batch, seq))
+    return model.eval(), {"input_ids": input_ids}

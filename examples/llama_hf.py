@@ -17,7 +17,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from hf_logits import LogitsOnly  # noqa: E402  (the file next to this one)
+from hf_logits import LogitsOnly, build_causal_lm  # noqa: E402  (the file next to this one)
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 SMALL_CONFIG = dict(
@@ -61,11 +61,7 @@ def build(
         use_cache=False,
         attn_implementation=attn_implementation,
     )
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LogitsOnly(LlamaForCausalLM(config).to(dtype))
-        input_ids = torch.randint(0, config.vocab_size, (batch, seq))
-    return model.eval(), {"input_ids": input_ids}
+    return build_causal_lm(LlamaForCausalLM, config, batch=batch, seq=seq, device=device, dtype=dtype)
 
 
 def build_7b(
