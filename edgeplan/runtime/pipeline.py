@@ -82,8 +82,12 @@ def latest_run(directory: str | Path) -> dict | None:
     return json.loads(lines[-1]) if lines else None
 
 
-class _StageStep:
-    """Decode incoming payloads, run the stage, forward what later stages need, encode it."""
+class StageStep:
+    """Decode incoming payloads, run the stage, forward what later stages need, encode it.
+
+    Shared by the local pipeline and the network worker (runtime/worker.py), so a stage
+    computes the same bytes wherever it runs.
+    """
 
     kind = "stage"
 
@@ -120,6 +124,60 @@ def _is_batched(entry, batch_size: int) -> bool:
     return len(entry.shape) >= 1 and entry.shape[0] == batch_size
 
 
+def split_batch(manifest: Manifest, inputs: dict) -> list[dict[str, np.ndarray]]:
+    """Check `inputs` against the manifest and cut them into microbatches of its batch size."""
+    expected = {t.name: t for t in manifest.inputs}
+    missing = [name for name in expected if name not in inputs]
+    unknown = [name for name in inputs if name not in expected]
+    if missing or unknown:
+        raise InputError(
+            f"inputs: missing {missing or 'none'}, unexpected {unknown or 'none'}; "
+            f"the model takes {list(expected)}")
+    batch = manifest.batch_size
+    counts = set()
+    arrays = {}
+    for name, entry in expected.items():
+        array = np.asarray(inputs[name])
+        if array.dtype != np.dtype(entry.dtype):
+            raise InputError(
+                f"input {name!r} has dtype {array.dtype}, the model was compiled for "
+                f"{entry.dtype}; convert it with .astype(np.{entry.dtype})")
+        batched = _is_batched(entry, batch)
+        tail_ok = array.shape[1:] == tuple(entry.shape[1:]) if batched else array.shape == tuple(entry.shape)
+        if array.ndim != len(entry.shape) or not tail_ok or (batched and (array.shape[0] == 0 or array.shape[0] % batch)):
+            rule = (f"[k*{batch}, {', '.join(map(str, entry.shape[1:]))}] for k >= 1 microbatches"
+                    if batched else str(list(entry.shape)))
+            raise InputError(
+                f"input {name!r} has shape {list(array.shape)}, the model was compiled for "
+                f"{list(entry.shape)}: pass {rule}")
+        if batched:
+            counts.add(array.shape[0] // batch)
+        arrays[name] = array
+    if len(counts) > 1:
+        raise InputError(f"inputs: batched inputs disagree on the batch size ({sorted(counts)} microbatches)")
+    count = counts.pop() if counts else 1
+    return [
+        {name: (array[i * batch:(i + 1) * batch] if _is_batched(expected[name], batch) else array)
+         for name, array in arrays.items()}
+        for i in range(count)
+    ]
+
+
+def gather_outputs(manifest: Manifest, per_microbatch: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The model outputs from per-microbatch results (in order): concatenated on dim 0, or
+    stacked for outputs without a batch dimension."""
+    outputs = {}
+    for entry in manifest.outputs:
+        parts = [tensors[entry.tensor] for tensors in per_microbatch]
+        if len(parts) == 1:
+            outputs[entry.name] = parts[0]
+        elif _is_batched(entry, manifest.batch_size):
+            outputs[entry.name] = np.concatenate(parts, axis=0)
+        else:
+            outputs[entry.name] = np.stack(parts, axis=0)
+    return outputs
+
+
 class Pipeline:
     """Compiled stages, ready to run: `run({"input_ids": ids}) -> {"logits": ...}`."""
 
@@ -134,7 +192,7 @@ class Pipeline:
         self.steps: list = []
         for session in self.sessions:
             last = session is self.sessions[-1]
-            self.steps.append(_StageStep(session, last))
+            self.steps.append(StageStep(session, last))
             if emulate_links and not last:
                 self.steps.append(_LinkStep(_require_link(session.stage)))
         self.last_stats: RunStats | None = None
@@ -147,46 +205,9 @@ class Pipeline:
     def output_names(self) -> tuple[str, ...]:
         return tuple(o.name for o in self.manifest.outputs)
 
-    def _microbatches(self, inputs: dict) -> list[dict[str, np.ndarray]]:
-        expected = {t.name: t for t in self.manifest.inputs}
-        missing = [name for name in expected if name not in inputs]
-        unknown = [name for name in inputs if name not in expected]
-        if missing or unknown:
-            raise InputError(
-                f"inputs: missing {missing or 'none'}, unexpected {unknown or 'none'}; "
-                f"the model takes {list(expected)}")
-        batch = self.manifest.batch_size
-        counts = set()
-        arrays = {}
-        for name, entry in expected.items():
-            array = np.asarray(inputs[name])
-            if array.dtype != np.dtype(entry.dtype):
-                raise InputError(
-                    f"input {name!r} has dtype {array.dtype}, the model was compiled for "
-                    f"{entry.dtype}; convert it with .astype(np.{entry.dtype})")
-            batched = _is_batched(entry, batch)
-            tail_ok = array.shape[1:] == tuple(entry.shape[1:]) if batched else array.shape == tuple(entry.shape)
-            if array.ndim != len(entry.shape) or not tail_ok or (batched and (array.shape[0] == 0 or array.shape[0] % batch)):
-                rule = (f"[k*{batch}, {', '.join(map(str, entry.shape[1:]))}] for k >= 1 microbatches"
-                        if batched else str(list(entry.shape)))
-                raise InputError(
-                    f"input {name!r} has shape {list(array.shape)}, the model was compiled for "
-                    f"{list(entry.shape)}: pass {rule}")
-            if batched:
-                counts.add(array.shape[0] // batch)
-            arrays[name] = array
-        if len(counts) > 1:
-            raise InputError(f"inputs: batched inputs disagree on the batch size ({sorted(counts)} microbatches)")
-        count = counts.pop() if counts else 1
-        return [
-            {name: (array[i * batch:(i + 1) * batch] if _is_batched(expected[name], batch) else array)
-             for name, array in arrays.items()}
-            for i in range(count)
-        ]
-
     def run(self, inputs: dict) -> dict[str, np.ndarray]:
         """Run a batch (a multiple of the compiled batch size) through the pipeline."""
-        microbatches = self._microbatches(inputs)
+        microbatches = split_batch(self.manifest, inputs)
         started = time.perf_counter()
         queues = [queue.Queue(maxsize=QUEUE_DEPTH) for _ in range(len(self.steps) + 1)]
         errors: list[BaseException] = []
@@ -231,19 +252,7 @@ class Pipeline:
             count, time.perf_counter() - started,
             tuple(b / count for b, step in zip(busy, self.steps) if step.kind == "stage"),
             tuple(b / count for b, step in zip(busy, self.steps) if step.kind == "link"))
-        return self._gather([tensors for _, tensors in results])
-
-    def _gather(self, per_microbatch: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-        outputs = {}
-        for entry in self.manifest.outputs:
-            parts = [tensors[entry.tensor] for tensors in per_microbatch]
-            if len(parts) == 1:
-                outputs[entry.name] = parts[0]
-            elif _is_batched(entry, self.manifest.batch_size):
-                outputs[entry.name] = np.concatenate(parts, axis=0)
-            else:
-                outputs[entry.name] = np.stack(parts, axis=0)
-        return outputs
+        return gather_outputs(self.manifest, [tensors for _, tensors in results])
 
 
 def _require_link(stage: StageEntry) -> LinkEntry:
