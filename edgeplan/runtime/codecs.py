@@ -15,13 +15,23 @@ A codec is a *base* (how values are represented) plus an optional *lossless* sta
     int8          1            |err| <= scale/2, scale = r/255 (per tensor)
     int8-channel  1            |err| <= scale_c/2, scale_c = r_c/255 per channel: axis 1 of
                                a 4-D (NCHW) tensor, else the last axis (0-d: per tensor)
+    int8-row      1            |err| <= s_r/2, s_r = max|x_r|/127 per row (a row is one
+                               vector along the last axis: a token's hidden state), symmetric
     int4          1/2          |err| <= scale/2, scale = r/15, two codes per byte
     int2          1/4          |err| <= scale/2, scale = r/3, four codes per byte
 
-The affine codes (int*) are q = rint((x - min) / scale) in [0, levels], decoded as
-q * scale + min; float rounding adds at most 4 eps * max(|min|, |max|) and the original
+The affine codes (int8, int8-channel, int4, int2) are q = rint((x - min) / scale) in
+[0, levels], decoded as q * scale + min; float rounding adds at most 4 eps * max(|min|, |max|) and the original
 dtype's smallest subnormal step (eps of float32 for float16/float32 input, of float64 for
 float64). Constant tensors and constant channels round-trip exactly (scale 0).
+
+int8-row is what activation quantization in LLM serving uses: a token whose hidden state
+is small keeps its own resolution instead of sharing the range of the largest token. Its
+codes are signed, q = rint(x / s_r) in [-127, 127], decoded as q * s_r. The scales are
+stored as float16, rounded up (so |x / s_r| <= 127 needs no clip; rounding adds at most
+2^-10 relative plus fp16's subnormal step 2^-24 to s_r), which keeps int8-row at 3.9x or
+better from a 128-wide last axis on; as float32 where a scale exceeds float16's range, as
+float64 for float64 input. All-zero rows are exact.
 
 Lossy codecs need float16/float32/float64 input with finite values: NaN or inf raises
 InputError (send such tensors with "raw"). Any other dtype (int64 ids, bool masks, ...) is
@@ -75,7 +85,8 @@ except ImportError:  # pragma: no cover - zstandard is a declared dependency
 
 __all__ = ["CODECS", "LOSSLESS", "Codec", "all_codecs", "decode", "encode", "parse_codec"]
 
-CODECS: tuple[str, ...] = ("raw", "fp16", "bf16", "int8", "int8-channel", "int4", "int2")
+CODECS: tuple[str, ...] = ("raw", "fp16", "bf16", "int8", "int8-channel", "int8-row", "int4",
+                           "int2")
 LOSSLESS: tuple[str, ...] = ("zstd",)
 
 MAGIC = b"EPC1"
@@ -87,6 +98,7 @@ _MAX_DIMS = 64
 _CHUNK = 1 << 16  # values per chunk: a float32 chunk is 256 KiB, well inside L2
 _LEVELS = {"int8": 255, "int8-channel": 255, "int4": 15, "int2": 3}
 _PER_BYTE = {"int8": 1, "int8-channel": 1, "int4": 2, "int2": 4}
+_ROW_LEVELS = 127
 _FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 _FP16_OVERFLOW = 65520.0  # fp16 max is 65504; from here on values round to inf
 # bf16 max is 0x7F7F0000; float32 values from 0x7F7F8000 up round (to even) to inf
@@ -513,6 +525,81 @@ def _encode_affine(x: np.ndarray, base: str, codec: Codec):
     return body, axis, nscale, sdtype.name
 
 
+def _row_layout(shape: tuple[int, ...]) -> tuple[int | None, int, int]:
+    """int8-row's view of a tensor: (axis, rows, cols), one scale per row of the last axis."""
+    if len(shape) == 0:
+        return None, 1, 1
+    cols = shape[-1]
+    return len(shape) - 1, (math.prod(shape) // cols if cols else 0), cols
+
+
+def _row_scales(x2: np.ndarray, codec: Codec, buf: np.ndarray) -> tuple[np.ndarray, np.dtype]:
+    """Per-row scales max|x_r| / 127, rounded up into the narrowest dtype that holds them."""
+    amax = np.zeros(x2.shape[0], buf.dtype)
+    for r0, r1, c0, c1 in _blocks(*x2.shape):  # |x| through an L2-sized buffer, one pass
+        b = buf[:(r1 - r0) * (c1 - c0)].reshape(r1 - r0, c1 - c0)
+        np.abs(x2[r0:r1, c0:c1], out=b)
+        np.maximum(amax[r0:r1], b.max(axis=1), out=amax[r0:r1])
+    _check_range(amax, amax, codec)  # NaN propagates through max; inf stays inf
+    wanted = amax.astype(np.float64) / _ROW_LEVELS
+    if x2.dtype == np.float64:
+        sdtype = np.dtype(np.float64)
+    else:
+        sdtype = np.dtype(np.float16 if wanted.max(initial=0.0) <= 65504.0 else np.float32)
+    scale = wanted.astype(sdtype)
+    short = scale.astype(np.float64) < wanted  # round up: codes then need no clip
+    if short.any():
+        scale = np.where(short, np.nextafter(scale, sdtype.type(np.inf)), scale)
+    return scale, sdtype
+
+
+def _encode_row(x: np.ndarray, codec: Codec):
+    """Symmetric int8 codes with one scale per last-axis row: (body, axis, nscale, sdtype)."""
+    axis, rows, cols = _row_layout(x.shape)
+    x2 = x.reshape(rows, cols)
+    work = np.dtype(np.float64 if x.dtype == np.float64 else np.float32)
+    buf = np.empty(min(x.size, _CHUNK) if cols <= _CHUNK else _CHUNK, work)
+    scale, sdtype = _row_scales(x2, codec, buf)
+    scale64 = scale.astype(np.float64)
+    with np.errstate(divide="ignore", over="ignore"):
+        inv = np.where(scale64 > 0, 1.0 / np.where(scale64 > 0, scale64, 1.0), 0.0)
+    if not np.isfinite(inv.astype(work)).all():  # a float64 scale below ~1e-308: send zeros
+        scale, inv = np.where(np.isfinite(inv), scale, 0).astype(sdtype), np.nan_to_num(inv, posinf=0.0)
+    inv = inv.astype(work)
+    pbytes = rows * sdtype.itemsize
+    body = np.empty(pbytes + x.size, np.uint8)
+    body[:pbytes] = scale.astype(sdtype.newbyteorder("<")).view(np.uint8)
+    q2 = body[pbytes:].view(np.int8).reshape(rows, cols)
+    for r0, r1, c0, c1 in _blocks(rows, cols):
+        xb = x2[r0:r1, c0:c1]
+        b = buf[:xb.size].reshape(xb.shape)
+        np.multiply(xb, inv[r0:r1, None], out=b)
+        np.rint(b, out=b)  # |x| <= 127 s: b in [-127 (1 + eps), 127 (1 + eps)], rint stays inside
+        q2[r0:r1, c0:c1] = b
+    return body, axis, rows, sdtype.name
+
+
+def _decode_row(body, dtype, shape, sdtype):
+    _, rows, cols = _row_layout(shape)
+    scale = np.frombuffer(body, sdtype, rows, 0)
+    codes = np.frombuffer(body, np.int8, rows * cols, rows * sdtype.itemsize).reshape(rows, cols)
+    if not np.isfinite(scale).all():
+        raise _corrupt("non-finite scale")
+    work = np.dtype(np.float64 if sdtype == np.float64 else np.float32)
+    scale = scale.astype(work)
+    out = np.empty(shape, dtype)
+    out2 = out.reshape(rows, cols)
+    direct = dtype == work
+    buf = None if direct else np.empty(min(rows * cols, _CHUNK) if cols <= _CHUNK else _CHUNK, work)
+    for r0, r1, c0, c1 in _blocks(rows, cols):
+        ob = out2[r0:r1, c0:c1]
+        b = ob if direct else buf[:ob.size].reshape(ob.shape)
+        np.multiply(codes[r0:r1, c0:c1], scale[r0:r1, None], out=b)
+        if not direct:
+            ob[...] = b
+    return out
+
+
 def encode(array: np.ndarray, codec: str | Codec) -> bytes:
     """`array` in the wire format of `codec` (a name like "int8+zstd", or a Codec).
 
@@ -532,6 +619,10 @@ def encode(array: np.ndarray, codec: str | Codec) -> bytes:
         body, axis, nscale, sdtype = np.empty(0, np.uint8), None, 0, None
         if base == "int8-channel":
             axis = _channel_layout(x.shape, base)[0]
+        elif base == "int8-row":
+            axis = _row_layout(x.shape)[0]
+    elif base == "int8-row":
+        body, axis, nscale, sdtype = _encode_row(x, codec)
     elif base == "fp16":
         body, axis, nscale, sdtype = _encode_fp16(x, codec), None, 0, None
     elif base == "bf16":
@@ -589,18 +680,25 @@ def _check_header(h: dict, stored: int):
     if base != "raw" and dtype.newbyteorder("=") not in _FLOATS:
         raise _corrupt(f"codec {base!r} with non-float dtype {dtype}")
     n = math.prod(shape)
-    axis, _, _, _, nch = _channel_layout(shape, base)
-    nscale = 0 if base in ("raw", "fp16", "bf16") or n == 0 else nch
-    sdtype = None
-    if nscale:
-        sdtype = "float64" if dtype.newbyteorder("=") == np.float64 else "float32"
-    if h["axis"] != axis or h["nscale"] != nscale or h["sdtype"] != sdtype:
+    wide = dtype.newbyteorder("=") == np.float64
+    if base == "int8-row":
+        axis, nscale, _ = _row_layout(shape)
+        nscale = nscale if n else 0
+        sdtypes = {None} if not nscale else {"float64"} if wide else {"float16", "float32"}
+    else:
+        axis, _, _, _, nch = _channel_layout(shape, base)
+        nscale = 0 if base in ("raw", "fp16", "bf16") or n == 0 else nch
+        sdtypes = {None} if not nscale else {"float64" if wide else "float32"}
+    sdtype = h["sdtype"] if isinstance(h["sdtype"], str) else None
+    if h["axis"] != axis or h["nscale"] != nscale or h["sdtype"] not in sdtypes:
         raise _corrupt(f"axis/nscale/sdtype {h['axis']!r}/{h['nscale']!r}/{h['sdtype']!r} "
                        f"do not match codec {base!r} for shape {list(shape)}")
     if base == "raw":
         rawbytes = n * dtype.itemsize
     elif base in ("fp16", "bf16"):
         rawbytes = 2 * n
+    elif base == "int8-row":
+        rawbytes = nscale * (np.dtype(sdtype).itemsize if sdtype else 0) + n
     else:
         rawbytes = (2 * nscale * (8 if sdtype == "float64" else 4)
                     + -(-n // _PER_BYTE[base]))
@@ -717,4 +815,6 @@ def decode(payload: bytes | bytearray | memoryview) -> np.ndarray:
             np.left_shift(u16[s:e], np.uint32(16), out=tb)
             flat[s:e] = tb.view(np.float32)
         return out
+    if base == "int8-row":
+        return _decode_row(body, dtype, shape, sdtype)
     return _decode_affine(body, base, dtype, shape, n, sdtype)
