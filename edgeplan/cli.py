@@ -3,6 +3,9 @@
     edgeplan compile examples/gpt.py:build --fleet home-lab -o out/gpt
     edgeplan inspect out/gpt [--json]
     edgeplan run out/gpt --inputs x.npz [-o outputs.npz]
+    edgeplan worker --listen 0.0.0.0:7000 --token-file fleet.token
+    edgeplan deploy out/gpt --fleet fleet.toml --token-file fleet.token
+    edgeplan run out/gpt --remote --inputs x.npz
     edgeplan fleets [NAME]
 
 Errors edgeplan raises on bad input print as one line (`edgeplan: error: ...`), exit 2.
@@ -118,7 +121,14 @@ def cmd_run(args) -> int:
 
     from edgeplan.runtime import load, record_run
 
-    pipe = load(args.directory, emulate_links=args.emulate_links)
+    if args.remote and args.emulate_links:
+        raise EdgeplanError("run: --remote runs on the real links; drop --emulate-links")
+    if args.remote:
+        from edgeplan.runtime.deploy import connect
+
+        pipe = connect(args.directory, token_file=args.token_file, timeout_s=args.timeout)
+    else:
+        pipe = load(args.directory, emulate_links=args.emulate_links)
     try:
         with np.load(args.inputs) as archive:
             inputs = {name: archive[name] for name in archive.files}
@@ -127,17 +137,22 @@ def cmd_run(args) -> int:
     except (OSError, ValueError) as exc:
         raise EdgeplanError(f"inputs {args.inputs}: not a .npz archive ({exc}); write one with "
                             f"numpy.savez(path, {pipe.input_names[0]}=array)") from None
-    outputs = pipe.run(inputs)
+    try:
+        outputs = pipe.run(inputs)
+    finally:
+        if args.remote:
+            pipe.close()
     output_path = Path(args.output or Path(args.directory) / "outputs.npz")
     np.savez(output_path, **outputs)
     stats = pipe.last_stats
     shapes = ", ".join(f"{k} {list(v.shape)} {v.dtype}" for k, v in outputs.items())
     links = (f"; emulated link ms/microbatch: {', '.join(f'{t * 1e3:.2f}' for t in stats.link_mean_s)}"
              if stats.link_mean_s else "")
-    print(f"ran {stats.microbatches} microbatch(es) through {len(pipe.sessions)} stage(s) in "
+    print(f"ran {stats.microbatches} microbatch(es) through {len(pipe.manifest.stages)} "
+          f"{'remote ' if args.remote else ''}stage(s) in "
           f"{stats.wall_s * 1e3:.1f} ms ({stats.throughput_per_s:.1f} microbatches/s); stage busy "
           f"ms/microbatch: {', '.join(f'{t * 1e3:.2f}' for t in stats.stage_mean_s)}{links}")
-    record_run(args.directory, stats, args.emulate_links)
+    record_run(args.directory, stats, args.emulate_links, remote=args.remote)
     print(f"wrote {output_path}: {shapes}; measurements appended to {args.directory}/runs.jsonl")
     return 0
 
@@ -165,6 +180,44 @@ def cmd_profile(args) -> int:
     written = ProfileStore(args.store).append(records)
     print(format_profiles(records))
     print(f"\nappended {written} record(s) to {args.store}")
+    return 0
+
+
+def cmd_worker(args) -> int:
+    import logging
+    import os
+    import signal
+    import threading
+
+    from edgeplan.runtime.wire import read_token
+    from edgeplan.runtime.worker import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    host, _, port = args.listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise EdgeplanError(f"--listen {args.listen!r}: expected HOST:PORT, e.g. 0.0.0.0:7000")
+    directory = Path(args.dir or Path.home() / ".cache" / "edgeplan" / f"worker-{port}")
+    server, bound = serve(args.listen, read_token(args.token_file), directory, args.threads)
+    print(f"edgeplan worker listening on {host}:{bound} (pid {os.getpid()}), directory {directory}",
+          flush=True)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+    server.stop(grace=2).wait()
+    return 0
+
+
+def cmd_deploy(args) -> int:
+    from edgeplan.runtime.deploy import DEPLOYMENT_FILE, deploy
+
+    record = deploy(args.directory, args.fleet, args.token_file, timeout_s=args.timeout)
+    for worker in record.workers:
+        print(f"  {worker.device:<20} {worker.address:<24} stage(s) {', '.join(map(str, worker.stages))}")
+    print(f"deployed {args.directory} (manifest {record.deployment[:12]}) to {len(record.workers)} "
+          f"worker(s), health and versions checked; wrote {Path(args.directory) / DEPLOYMENT_FILE}\n"
+          f"run it with: edgeplan run {args.directory} --remote --inputs INPUTS.npz")
     return 0
 
 
@@ -217,7 +270,29 @@ def build_parser() -> argparse.ArgumentParser:
     run_parser.add_argument("-o", "--output", default=None, help="outputs .npz (default DIR/outputs.npz)")
     run_parser.add_argument("--emulate-links", action="store_true",
                             help="delay boundaries as the planned links would (timings are emulated)")
+    run_parser.add_argument("--remote", action="store_true",
+                            help="run on the workers `edgeplan deploy` set up (DIR/deployment.json)")
+    run_parser.add_argument("--token-file", default=None,
+                            help="with --remote: the fleet token (default: the one given to deploy)")
+    run_parser.add_argument("--timeout", type=float, default=30.0,
+                            help="with --remote: deadline in seconds for one microbatch through the chain")
     run_parser.set_defaults(handler=cmd_run)
+
+    worker_parser = sub.add_parser("worker", help="serve stages to a driver over gRPC (on a device)")
+    worker_parser.add_argument("--listen", required=True, help="HOST:PORT to listen on (port 0: any free)")
+    worker_parser.add_argument("--token-file", required=True, help="file holding the fleet's shared token")
+    worker_parser.add_argument("--dir", default=None,
+                               help="where artifacts are stored (default ~/.cache/edgeplan/worker-PORT)")
+    worker_parser.add_argument("--threads", type=int, default=0,
+                               help="ONNX Runtime intra-op threads per stage (default 0: all cores)")
+    worker_parser.set_defaults(handler=cmd_worker)
+
+    deploy_parser = sub.add_parser("deploy", help="upload compiled stages to the workers of a fleet")
+    deploy_parser.add_argument("directory", help="compile output directory")
+    deploy_parser.add_argument("--fleet", required=True, help="fleet .toml whose devices carry address")
+    deploy_parser.add_argument("--token-file", required=True, help="file holding the fleet's shared token")
+    deploy_parser.add_argument("--timeout", type=float, default=120.0, help="deadline per upload/configure call")
+    deploy_parser.set_defaults(handler=cmd_deploy)
 
     profile_parser = sub.add_parser("profile", help="measure per-unit latency on this host's ONNX Runtime CPU")
     profile_parser.add_argument("model", help="FILE_OR_MODULE:FACTORY returning (model, example_inputs)")

@@ -26,3 +26,8 @@ class InputError(EdgeplanError):
 
 class StageError(EdgeplanError):
     """A stage failed while running; the message names the stage and its device."""
+
+
+class RemoteError(EdgeplanError):
+    """A worker on the network refused a call, failed, hung or could not be reached; the
+    message names the device and its address."""

@@ -57,17 +57,19 @@ class RunStats:
 RUNS_FILE = "runs.jsonl"
 
 
-def record_run(directory: str | Path, stats: RunStats, emulated_links: bool) -> Path:
+def record_run(directory: str | Path, stats: RunStats, emulated_links: bool, remote: bool = False) -> Path:
     """Append one run's measurements to DIR/runs.jsonl (one JSON object a line).
 
     Fields: unix time, host, microbatches, wall_s, stage_mean_s (busy seconds per
-    microbatch, codecs included), link_mean_s (emulated links), emulated_links. `inspect`
-    shows the latest next to the predictions.
+    microbatch, codecs included), link_mean_s (emulated links), emulated_links, remote
+    (run on deployed workers; stage times measured there). `inspect` shows the latest next
+    to the predictions.
     """
     path = Path(directory) / RUNS_FILE
     record = {"time": time.time(), "host": platform.node(), "microbatches": stats.microbatches,
               "wall_s": stats.wall_s, "stage_mean_s": list(stats.stage_mean_s),
-              "link_mean_s": list(stats.link_mean_s), "emulated_links": emulated_links}
+              "link_mean_s": list(stats.link_mean_s), "emulated_links": emulated_links,
+              "remote": remote}
     with open(path, "a") as handle:
         handle.write(json.dumps(record) + "\n")
     return path
