@@ -141,25 +141,30 @@ class Worker:
                    f"give the driver and every worker the same --token-file")
             return False
 
+        def report(context, exc: Exception):
+            if isinstance(exc, _Refused):
+                refuse(context, exc.code, str(exc))
+            elif isinstance(exc, EdgeplanError):
+                refuse(context, grpc.StatusCode.INTERNAL, f"device {self._device()!r}: {exc}")
+            else:  # a request that does not follow runtime/wire.py
+                refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
+                       f"device {self._device()!r}: malformed request ({exc.__class__.__name__}: {exc})")
+
         def handle(request, context):
             if not authorized(context):
                 return None
             try:
                 return function(request, context)
-            except _Refused as exc:
-                refuse(context, exc.code, str(exc))
-            except EdgeplanError as exc:
-                refuse(context, grpc.StatusCode.INTERNAL, f"device {self._device()!r}: {exc}")
+            except (_Refused, EdgeplanError, KeyError, ValueError, TypeError, StopIteration) as exc:
+                report(context, exc)
 
         def handle_stream(request, context):
             if not authorized(context):
                 return
             try:
                 yield from function(request, context)
-            except _Refused as exc:
-                refuse(context, exc.code, str(exc))
-            except EdgeplanError as exc:
-                refuse(context, grpc.StatusCode.INTERNAL, f"device {self._device()!r}: {exc}")
+            except (_Refused, EdgeplanError, KeyError, ValueError, TypeError) as exc:
+                report(context, exc)
 
         if response_streaming:
             return grpc.unary_stream_rpc_method_handler(handle_stream)

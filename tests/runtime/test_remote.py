@@ -262,6 +262,17 @@ def test_killed_worker_is_named_and_the_run_returns_nothing(compiled, fleet_file
         victim.start().wait_ready()
 
 
+def test_killed_last_worker_breaks_the_output_stream_and_is_named(compiled, fleet_file, token_file, workers):
+    deploy(compiled, fleet_file, token_file)
+    victim = workers[2]
+    try:
+        with pytest.raises(RemoteError, match=rf"device 'dev-c' at {victim.address}"):
+            _run_with_fault(compiled, victim.process.kill, retry_for_s=1.0)
+    finally:
+        victim.stop()
+        victim.start().wait_ready()
+
+
 def test_restarted_worker_resumes_and_outputs_stay_exact(compiled, fleet_file, token_file, workers):
     deploy(compiled, fleet_file, token_file)
     victim = workers[1]
