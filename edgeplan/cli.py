@@ -81,12 +81,18 @@ def cmd_compile(args) -> int:
         raise EdgeplanError(f"model {args.model!r}: the factory must return (model, example_inputs)")
     model, example_inputs = built
     out_dir = Path(args.output)
+    options = {}
+    if args.cost_model == "learned" or args.replan:
+        from edgeplan.planner.predictor import learned_cost_model
+
+        options["cost_model"] = learned_cost_model(args.store, [args.replan] if args.replan else [])
     plan = edgeplan.compile(
         model, example_inputs, fleet=args.fleet, out_dir=None if args.plan_only else out_dir,
         objective=args.objective, mode=args.mode, granularity=args.granularity,
         num_stages=args.stages, time_limit_s=args.time_limit, plan_from=args.plan_from,
         max_error=args.max_error, min_agreement=args.min_agreement,
         name=args.model.rpartition(":")[0].rpartition("/")[2].removesuffix(".py") or None,
+        **options,
     )
     if args.plan_only:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -158,13 +164,17 @@ def cmd_run(args) -> int:
 
 
 def cmd_profile(args) -> int:
-    from edgeplan.planner.profile import ProfileStore, format_profiles, profile_units
+    from edgeplan.planner.profile import (
+        ProfileStore,
+        format_profiles,
+        profile_units,
+        records_from_run,
+    )
 
-    factory = load_factory(args.model)
-    built = factory()
-    if not (isinstance(built, tuple) and len(built) == 2):
-        raise EdgeplanError(f"model {args.model!r}: the factory must return (model, example_inputs)")
-    model, example_inputs = built
+    if not (args.model or args.layer_space or args.from_run):
+        raise EdgeplanError("profile: nothing to measure; give a model (FILE:FACTORY), "
+                            "--layer-space, or --from-run DIR")
+    store = ProfileStore(args.store)
 
     def progress(done: int, total: int, label: str) -> None:
         filled = int(30 * done / total) if total else 30
@@ -173,14 +183,57 @@ def cmd_profile(args) -> int:
             sys.stderr.write("\n")
         sys.stderr.flush()
 
-    records = profile_units(
-        model, example_inputs, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
-        name=args.model.rpartition(":")[0].rpartition("/")[2].removesuffix(".py") or None,
-        progress=progress)
-    written = ProfileStore(args.store).append(records)
-    print(format_profiles(records))
+    records = []
+    if args.model:
+        factory = load_factory(args.model)
+        built = factory()
+        if not (isinstance(built, tuple) and len(built) == 2):
+            raise EdgeplanError(f"model {args.model!r}: the factory must return (model, example_inputs)")
+        model, example_inputs = built
+        records += profile_units(
+            model, example_inputs, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
+            name=args.model.rpartition(":")[0].rpartition("/")[2].removesuffix(".py") or None,
+            progress=progress)
+    if args.layer_space:
+        from edgeplan.planner.layer_space import layer_space
+
+        for name, bank, inputs, _ in layer_space(samples=args.samples, seed=args.seed):
+            records += profile_units(bank, inputs, threads=args.threads, warmup=args.warmup,
+                                     repeats=args.repeats, name=name, progress=progress)
+    if records:
+        print(format_profiles(records))
+    if args.from_run:
+        known = store.load() if store.path.is_file() else []
+        from_run = records_from_run(args.from_run, known)
+        records += from_run
+        print(f"{len(from_run)} stage measurement(s) from {args.from_run}/runs.jsonl"
+              + ("" if from_run else " (all of them are in the store already)"))
+    written = store.append(records)
     print(f"\nappended {written} record(s) to {args.store}")
+    if args.from_run:
+        _print_refit(store, args.from_run)
     return 0
+
+
+def _print_refit(store, directory) -> None:
+    """The refitted predictor's view of a recorded plan: planned vs measured vs predicted now."""
+    from edgeplan.planner.fleet import load_fleet
+    from edgeplan.planner.plan import Plan
+    from edgeplan.planner.predictor import Predictor
+    from edgeplan.planner.profile import DEVICE, backend_name
+    from edgeplan.runtime.pipeline import latest_run
+
+    plan, run = Plan.from_json(directory), latest_run(directory)
+    predictor = Predictor.fit(store.load())
+    fleet = load_fleet(plan.fleet)
+    print(f"refitted on {len(store.load())} record(s); latest run of {directory} (ms):")
+    for stage in plan.stages:
+        model = (predictor.model_for(fleet.device(stage.device), stage.backend) if run.get("remote")
+                 else predictor.models.get((DEVICE, backend_name(run.get("threads_per_stage", 0)))))
+        features = [plan.units[u].features for u in range(stage.unit_start, stage.unit_end)]
+        now = "-" if model is None else f"{sum(model.predict(f) for f in features) * 1e3:.3f}"
+        print(f"  stage {stage.index} {stage.device}/{stage.backend}: planned {stage.compute_s * 1e3:.3f}, "
+              f"measured {run['stage_mean_s'][stage.index] * 1e3:.3f}, predicted now {now}")
 
 
 def cmd_worker(args) -> int:
@@ -257,6 +310,14 @@ def build_parser() -> argparse.ArgumentParser:
     compile_parser.add_argument("--min-agreement", type=float, default=None,
                                 help="with --max-error: also require this argmax agreement (e.g. 0.995)")
     compile_parser.add_argument("--plan-only", action="store_true", help="write plan.json only (works on meta models)")
+    compile_parser.add_argument("--cost-model", choices=["roofline", "learned"], default="roofline",
+                                help="learned: latency predictor trained on --store, roofline where "
+                                     "it has no data (the plan lists those units)")
+    compile_parser.add_argument("--store", default="profiles.jsonl",
+                                help="profile store for the learned cost model (default ./profiles.jsonl)")
+    compile_parser.add_argument("--replan", default=None, metavar="DIR",
+                                help="learned cost model trained on --store plus the runs recorded "
+                                     "in DIR/runs.jsonl (implies --cost-model learned)")
     compile_parser.set_defaults(handler=cmd_compile)
 
     inspect_parser = sub.add_parser("inspect", help="show a compiled plan")
@@ -295,11 +356,20 @@ def build_parser() -> argparse.ArgumentParser:
     deploy_parser.set_defaults(handler=cmd_deploy)
 
     profile_parser = sub.add_parser("profile", help="measure per-unit latency on this host's ONNX Runtime CPU")
-    profile_parser.add_argument("model", help="FILE_OR_MODULE:FACTORY returning (model, example_inputs)")
+    profile_parser.add_argument("model", nargs="?", default=None,
+                                help="FILE_OR_MODULE:FACTORY returning (model, example_inputs)")
+    profile_parser.add_argument("--layer-space", action="store_true",
+                                help="also profile the sampled layer space (planner/layer_space.py)")
+    profile_parser.add_argument("--samples", type=int, default=16,
+                                help="with --layer-space: layers per family (default 16)")
+    profile_parser.add_argument("--seed", type=int, default=0, help="with --layer-space: sampling seed")
+    profile_parser.add_argument("--from-run", default=None, metavar="DIR",
+                                help="add the measured stage times of DIR/runs.jsonl to the store "
+                                     "and show the refitted predictor's view of that plan")
     profile_parser.add_argument("--store", default="profiles.jsonl",
                                 help="profile store to append to (default ./profiles.jsonl)")
     profile_parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
-                                help="intra-op thread counts, one backend host-cpuN each (default 1 2)")
+                                help="intra-op thread counts, one backend cpuN of device host each (default 1 2)")
     profile_parser.add_argument("--repeats", type=int, default=15, help="timed runs per unit (default 15)")
     profile_parser.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
     profile_parser.set_defaults(handler=cmd_profile)

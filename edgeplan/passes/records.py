@@ -59,3 +59,14 @@ class OpCost:
     bytes_moved: int
     output_bytes: int
     param_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class OpMix:
+    """What one op kind contributes to a unit: node count, FLOPs and bytes moved (summed
+    OpCost of the unit's nodes of that kind). Latency predictors learn per kind from these."""
+
+    kind: str
+    count: int
+    flops: int
+    bytes_moved: int

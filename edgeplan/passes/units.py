@@ -22,7 +22,7 @@ import torch
 import torch.fx
 
 from edgeplan.errors import CaptureError
-from edgeplan.passes.records import COST_KEY, TENSOR_KEY, UNIT_KEY, OpCost, TensorSpec
+from edgeplan.passes.records import COST_KEY, TENSOR_KEY, UNIT_KEY, OpCost, OpMix, TensorSpec
 
 GRANULARITIES = ("block", "layer")
 HEAVY_KINDS = frozenset({"matmul", "conv", "attention"})
@@ -37,7 +37,8 @@ class Unit:
     units is counted in each: conservative when both land on one device).
     peak_activation_bytes is the most activation memory live at any node of the unit,
     including tensors held for later units. cut_tensors / cut_bytes describe the cut
-    after this unit (empty for the last unit).
+    after this unit (empty for the last unit). op_mix sums the unit's nodes per op kind
+    (views excluded), in order of first appearance.
     """
 
     index: int
@@ -52,6 +53,7 @@ class Unit:
     peak_activation_bytes: int
     cut_tensors: tuple[TensorSpec, ...]
     cut_bytes: int
+    op_mix: tuple[OpMix, ...] = ()
 
 
 def _module_path(node: torch.fx.Node) -> str:
@@ -167,8 +169,21 @@ def group_units(gm: torch.fx.GraphModule, granularity: str = "block") -> tuple[U
             peak_activation_bytes=int(max(live_bytes[first_position:last_position + 1])),
             cut_tensors=crossing,
             cut_bytes=sum(t.nbytes for t in crossing),
+            op_mix=_op_mix(costs),
         ))
     return tuple(units)
+
+
+def _op_mix(costs: list[OpCost]) -> tuple[OpMix, ...]:
+    totals: dict[str, list[int]] = {}
+    for cost in costs:
+        if cost.kind == "view":
+            continue
+        total = totals.setdefault(cost.kind, [0, 0, 0])
+        total[0] += 1
+        total[1] += cost.flops
+        total[2] += cost.bytes_moved
+    return tuple(OpMix(kind, *total) for kind, total in totals.items())
 
 
 def _heaviest(run: list[torch.fx.Node]) -> torch.fx.Node:

@@ -43,6 +43,7 @@ from edgeplan.planner.plan import (
     Stage,
     UnitInfo,
 )
+from edgeplan.planner.profile import unit_features
 from edgeplan.runtime.manifest import (
     MANIFEST_FILE,
     LinkEntry,
@@ -197,6 +198,9 @@ def plan_pass(c: Compilation) -> Compilation:
             memory_budget_bytes=int(tables.device_memory_bytes[tables.slot_device[assignment.slot]]),
             compute_s=costs.compute_s[i],
             boundary=boundary,
+            guessed_units=() if tables.guessed is None else tuple(
+                units[u].name for u in range(assignment.start, assignment.end)
+                if tables.guessed[u, assignment.slot]),
         ))
     signature = c.signature
     plan = Plan(
@@ -206,8 +210,8 @@ def plan_pass(c: Compilation) -> Compilation:
         inputs=signature.inputs,
         outputs=signature.outputs,
         fleet=c.fleet.to_dict(),
-        units=tuple(UnitInfo(u.name, u.flops, u.param_bytes, u.peak_activation_bytes, u.cut_bytes)
-                    for u in units),
+        units=tuple(UnitInfo(u.name, u.flops, u.param_bytes, u.peak_activation_bytes, u.cut_bytes,
+                             unit_features(u)) for u in units),
         stages=tuple(stages),
         solver=SolverReport(result.solver, result.status, result.objective, result.value_s,
                             result.bound_s, result.gap, result.solve_time_s, c.options.time_limit_s),

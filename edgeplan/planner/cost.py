@@ -61,6 +61,10 @@ class CostTables:
     codec_encode_s[U-1,C]   seconds to encode it (charged to the sending stage)
     codec_decode_s[U-1,C]   seconds to decode it (charged to the receiving stage)
     codec_allowed[U-1,C]    within the error budget and not dominated by another codec
+
+    Learned cost models (planner.predictor) mark what they could not predict:
+    guessed[U, K]           compute_s[u, k] is a roofline guess, not learned from
+                            measurements (None: the model says for itself, e.g. roofline)
     """
 
     unit_names: tuple[str, ...]
@@ -81,6 +85,7 @@ class CostTables:
     codec_encode_s: np.ndarray | None = None
     codec_decode_s: np.ndarray | None = None
     codec_allowed: np.ndarray | None = None
+    guessed: np.ndarray | None = None
 
     def __post_init__(self):
         # Without measured codecs every cut is sent raw: one column, no codec time.
@@ -154,6 +159,8 @@ class CostTables:
             model=data.get("model", "roofline"),
             guessed_units=tuple(data.get("guessed_units", ())),
             codec_names=tuple(data.get("codec_names", ("raw",))),
+            guessed=None if data.get("guessed") is None else np.asarray(
+                data["guessed"], dtype=bool).reshape(len(data["unit_names"]), len(data["slots"])),
             **{name: None if data.get(name) is None else np.asarray(data[name], dtype=kind).reshape(
                    len(data["cut_bytes"]), len(data.get("codec_names", ("raw",))))
                for name, kind in (("codec_wire_bytes", np.int64), ("codec_encode_s", float),

@@ -670,6 +670,28 @@ _DEVICE_PRESET_LIST = (
             op_overhead_us=20.0, efficiency=0.4,
             execution_providers=_OPENVINO_EP),
     ),
+    _preset(
+        "host",
+        "This development VM: 2 vCPUs of an Intel Xeon @ 2.8 GHz (Ice Lake-SP, AVX-512), "
+        "ONNX Runtime CPU with 1 or 2 intra-op threads (the backends `edgeplan profile` measures)",
+        # 23 GiB of RAM (free -g) shared with other users: 16 GiB for edgeplan (approximate).
+        16 * _GIB,
+        Backend(
+            name="cpu1", kind="cpu",
+            # One core: AVX-512 with two FMA units = 64 fp32 FLOP/cycle x 2.8 GHz = 179.2
+            # GFLOP/s (approximate: the VM does not say whether the second FMA unit exists).
+            peak_gflops=179.2,
+            # A share of a server's DDR4 as one core sees it (approximate; not published).
+            mem_bandwidth_gbs=15.0,
+            op_overhead_us=5.0, efficiency=0.5,
+            execution_providers=_CPU_EP),
+        Backend(
+            name="cpu2", kind="cpu",
+            # Both cores: 2 x 179.2 GFLOP/s (approximate, as above).
+            peak_gflops=358.4, mem_bandwidth_gbs=25.0,
+            op_overhead_us=5.0, efficiency=0.5,
+            execution_providers=_CPU_EP),
+    ),
 )
 _DEVICE_PRESETS: Mapping[str, _DevicePreset] = MappingProxyType(
     {preset.device.kind: preset for preset in _DEVICE_PRESET_LIST})
@@ -716,6 +738,30 @@ preset = "wifi-5"
 a = "phone"
 b = "n100-box"
 preset = "wifi-5"
+"""),
+    "host": _FleetPreset(
+        "This machine alone (device preset `host`): plan onto its 1- or 2-thread ONNX Runtime CPU",
+        """
+name = "host"
+[[device]]
+name = "host"
+preset = "host"
+"""),
+    "host-pair": _FleetPreset(
+        "This machine as a two-stage pipeline: host-0 and host-1, one core and one ONNX Runtime "
+        "thread each, handing tensors over in memory",
+        """
+name = "host-pair"
+# Stages of a local pipeline pass numpy arrays between threads: no copy, a queue hand-off.
+[default_link]
+bandwidth_mbps = 80000
+latency_ms = 0.02
+[[device]]
+name = "host"
+preset = "host"
+only_backends = ["cpu1"]
+memory_gb = 8
+count = 2
 """),
     "jetson-cluster": _FleetPreset(
         "4x Jetson Orin Nano 8GB on gigabit Ethernet (homogeneous)",

@@ -12,7 +12,7 @@ Torch-free.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from edgeplan.errors import PlanError
@@ -25,13 +25,16 @@ PLAN_FILE = "plan.json"
 
 @dataclass(frozen=True)
 class UnitInfo:
-    """What the plan needs to know about a unit (a summary of passes.units.Unit)."""
+    """What the plan needs to know about a unit (a summary of passes.units.Unit); features
+    are the unit's profile-store features (planner.profile.unit_features), so measured
+    stage times of a run can train the latency predictor (`edgeplan profile --from-run`)."""
 
     name: str
     flops: int
     param_bytes: int
     peak_activation_bytes: int
     cut_bytes: int
+    features: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,7 @@ class Stage:
     memory_budget_bytes: int
     compute_s: float
     boundary: Boundary | None = None
+    guessed_units: tuple[str, ...] = ()  # units whose time here is a roofline guess (learned costs)
 
 
 @dataclass(frozen=True)
@@ -189,4 +193,5 @@ def _stage(data: dict) -> Stage:
         memory_budget_bytes=data["memory_budget_bytes"], compute_s=data["compute_s"],
         boundary=None if boundary is None else Boundary(
             **{**boundary, "tensors": tuple(_tensor(t) for t in boundary["tensors"])}),
+        guessed_units=tuple(data.get("guessed_units", ())),
     )

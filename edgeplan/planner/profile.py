@@ -1,7 +1,7 @@
 """Profile: measure real per-unit latency on this host's ONNX Runtime CPU backend.
 
     profile_units(model, example_inputs, threads=(1, 2)) -> [UnitProfile, ...]
-    ProfileStore("profiles.jsonl").append(records); .load(); .for_backend("host", "host-cpu1")
+    ProfileStore("profiles.jsonl").append(records); .load(); .for_backend("host", "cpu1")
 
 The model is captured, annotated and grouped into units (granularity "block") as the
 compiler does, then split so that every unit is its own stage. The stage modules run in
@@ -10,7 +10,8 @@ each unit is exported to ONNX in a temporary directory and timed in an ONNX Runt
 session with `intra_op_num_threads = t` (inter-op 1, sequential execution, default graph
 optimizations, as the runtime's StageSession) for each t: `warmup` untimed runs, then
 `repeats` runs timed one by one with time.perf_counter. Each (unit, t) pair gives one
-UnitProfile on backend `host-cpu{t}` of device "host", with robust statistics (median,
+UnitProfile on backend `cpu{t}` of device "host" (the `host` device preset in
+planner/fleet.py describes this machine), with robust statistics (median,
 p10, p90, and the number of runs more than 3 scaled MADs from the median) and the unit's
 static features, the inputs a latency predictor learns from.
 
@@ -19,13 +20,21 @@ rewritten); every line is a JSON object:
 
     {"format": "edgeplan-profile", "version": 1,
      "model": "GPT", "unit": "blocks.0", "unit_index": 1,
-     "device": "host", "host": "<platform.node()>", "backend": "host-cpu1",
+     "device": "host", "host": "<platform.node()>", "backend": "cpu1",
      "runtime": "onnxruntime 1.x.y",
      "features": {"flops": ..., "bytes_moved": ..., "op_count": ..., "param_bytes": ...,
                   "activation_bytes": ..., "peak_activation_bytes": ..., "cut_bytes": ...,
-                  "<kind>_count": ..., "<kind>_flops": ... for every kind in OP_KINDS},
+                  "<kind>_count": ..., "<kind>_flops": ..., "<kind>_bytes": ...
+                  for every kind in OP_KINDS},
      "median_s": ..., "p10_s": ..., "p90_s": ..., "repeats": 15, "outliers": 0,
-     "timestamp": "2025-01-01T12:00:00+00:00"}
+     "timestamp": "2025-01-01T12:00:00+00:00",
+     "parts": []}
+
+A stage-level record (a measured stage of a recorded run, `records_from_run`) has the
+stage's units in "unit" ("blocks.0..blocks.3"), the sum of their features in "features",
+each unit's own features in "parts" (one object per unit, in order), and "repeats" is the
+number of microbatches the time is averaged over. Unit records leave "parts" empty (it
+may be omitted).
 
 Empty lines are allowed (they carry nothing); any other line that is not such a record
 makes `load` raise EdgeplanError naming the file and line number.
@@ -59,7 +68,7 @@ Progress = Callable[[int, int, str], None]
 
 
 def backend_name(threads: int) -> str:
-    return f"host-cpu{threads}"
+    return f"cpu{threads}"
 
 
 @dataclass(frozen=True)
@@ -80,6 +89,7 @@ class UnitProfile:
     unit_index: int = -1
     host: str = ""
     runtime: str = ""
+    parts: tuple[dict[str, float], ...] = ()
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, "version": VERSION, **dataclasses.asdict(self)}
@@ -104,10 +114,13 @@ class UnitProfile:
         unknown = sorted(data.keys() - names - {"format", "version"})
         if unknown:
             raise ValueError(f"unknown field(s) {unknown}")
-        features = data["features"]
-        if not isinstance(features, dict) or not all(
-                isinstance(k, str) and _is_number(v) for k, v in features.items()):
-            raise ValueError("features must be an object of numbers")
+        parts = data.get("parts", [])
+        if not isinstance(parts, list):
+            raise ValueError(f"parts must be a list of feature objects, got {parts!r}")
+        for features in (data["features"], *parts):
+            if not isinstance(features, dict) or not all(
+                    isinstance(k, str) and _is_number(v) for k, v in features.items()):
+                raise ValueError("features and parts must be objects of numbers")
         for name in ("median_s", "p10_s", "p90_s"):
             if not _is_number(data[name]) or not math.isfinite(data[name]) or data[name] < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {data[name]!r}")
@@ -118,7 +131,8 @@ class UnitProfile:
             if name in data and not isinstance(data[name], str):
                 raise ValueError(f"{name} must be a string, got {data[name]!r}")
         values = {k: v for k, v in data.items() if k in names}
-        values["features"] = {k: float(v) for k, v in features.items()}
+        values["features"] = {k: float(v) for k, v in data["features"].items()}
+        values["parts"] = tuple({k: float(v) for k, v in part.items()} for part in parts)
         return cls(**values)
 
 
@@ -171,10 +185,8 @@ class ProfileStore:
         return [r for r in self.load() if r.device == device and r.backend == backend]
 
 
-def unit_features(gm, unit) -> dict[str, float]:
-    """Static features of a unit: its totals and per-op-kind counts and FLOPs."""
-    from edgeplan.passes.records import COST_KEY
-
+def unit_features(unit) -> dict[str, float]:
+    """Static features of a unit: its totals and per-op-kind counts, FLOPs and bytes moved."""
     features = {
         "flops": float(unit.flops),
         "bytes_moved": float(unit.bytes_moved),
@@ -185,14 +197,13 @@ def unit_features(gm, unit) -> dict[str, float]:
         "cut_bytes": float(unit.cut_bytes),
     }
     for kind in OP_KINDS:
-        features[f"{kind}_count"] = 0.0
-        features[f"{kind}_flops"] = 0.0
-    by_name = {n.name: n for n in gm.graph.nodes}
-    for name in unit.nodes:
-        cost = by_name[name].meta[COST_KEY]
-        kind = cost.kind if cost.kind in OP_KINDS else "other"
-        features[f"{kind}_count"] += 1
-        features[f"{kind}_flops"] += cost.flops
+        for quantity in ("count", "flops", "bytes"):
+            features[f"{kind}_{quantity}"] = 0.0
+    for mix in unit.op_mix:
+        kind = mix.kind if mix.kind in OP_KINDS else "other"
+        features[f"{kind}_count"] += mix.count
+        features[f"{kind}_flops"] += mix.flops
+        features[f"{kind}_bytes"] += mix.bytes_moved
     return features
 
 
@@ -233,12 +244,17 @@ def time_session(session, feeds: dict, warmup: int, repeats: int) -> list[float]
 
 def profile_units(model, example_inputs, *, threads: Sequence[int] = (1, 2), warmup: int = 3,
                   repeats: int = 15, name: str | None = None,
-                  progress: Progress | None = None) -> list[UnitProfile]:
-    """Measure every unit of `model` on backends host-cpu{t} for t in `threads`.
+                  progress: Progress | None = None,
+                  stage_of_unit: Sequence[int] | None = None) -> list[UnitProfile]:
+    """Measure every unit of `model` on backends cpu{t} of device "host" for t in `threads`.
 
     Returns one UnitProfile per (unit, thread count), units in graph order and thread
     counts in the given order within a unit. `progress(done, total, label)` is called
     after each export and each timing (and once with done=0 before starting).
+
+    With `stage_of_unit` (the stage index of every unit, as a plan assigns them), the
+    stages are timed instead, each exported as one ONNX file like the compiler emits it:
+    a stage of several units gives a stage-level record (summed features and "parts").
     """
     import onnxruntime as ort
 
@@ -262,9 +278,17 @@ def profile_units(model, example_inputs, *, threads: Sequence[int] = (1, 2), war
         raise EdgeplanError("profile: the model's weights are on the meta device, so there is "
                             "nothing to run; build it with real weights (device='cpu')")
     units = group_units(gm, "block")
-    stage_graphs = split_stages(gm, list(range(len(units))))
+    if stage_of_unit is None:
+        stage_of_unit = list(range(len(units)))
+    stage_of_unit = [int(s) for s in stage_of_unit]
+    if len(stage_of_unit) != len(units) or stage_of_unit != sorted(stage_of_unit) or any(
+            b - a > 1 for a, b in zip([-1, *stage_of_unit], stage_of_unit)):
+        raise EdgeplanError(f"profile: stage_of_unit must give each of the {len(units)} units a "
+                            f"stage index, starting at 0 and growing by 0 or 1, got {stage_of_unit}")
+    groups = [[u for u in units if stage_of_unit[u.index] == s] for s in range(stage_of_unit[-1] + 1)]
+    stage_graphs = split_stages(gm, stage_of_unit)
     env = bind_inputs(signature, example_inputs)
-    total = len(units) * (1 + len(threads))
+    total = len(groups) * (1 + len(threads))
     done = 0
 
     def step(label: str) -> None:
@@ -281,14 +305,16 @@ def profile_units(model, example_inputs, *, threads: Sequence[int] = (1, 2), war
     records: list[UnitProfile] = []
     with tempfile.TemporaryDirectory(prefix="edgeplan-profile-") as tmp:
         exported = []
-        for unit, (stage_graph, args) in zip(units, run_stages(stage_graphs, env)):
-            artifact = target.emit(stage_graph, unit.index, args, Path(tmp))
+        for index, (group, (stage_graph, args)) in enumerate(zip(groups, run_stages(stage_graphs, env))):
+            artifact = target.emit(stage_graph, index, args, Path(tmp))
             feeds = {n: a.detach().cpu().numpy() for n, a in zip(stage_graph.inputs, args)}
-            exported.append((unit, Path(tmp) / artifact.path, feeds))
-            step(f"export {unit.name}")
+            exported.append((index, group, Path(tmp) / artifact.path, feeds))
+            step(f"export {_group_name(group)}")
 
-        for unit, path, feeds in exported:
-            features = unit_features(gm, unit)
+        for index, group, path, feeds in exported:
+            parts = tuple(unit_features(unit) for unit in group)
+            features = combine_features(parts)
+            label = _group_name(group)
             for t in threads:
                 session = _session(path, t)
                 # The exporter drops inputs a unit does not read: feed what the file asks for.
@@ -298,11 +324,91 @@ def profile_units(model, example_inputs, *, threads: Sequence[int] = (1, 2), war
                 del session
                 median, p10, p90, outliers = robust_stats(samples)
                 records.append(UnitProfile(
-                    model=signature.name, unit=unit.name, device=DEVICE, backend=backend_name(t),
+                    model=signature.name, unit=label, device=DEVICE, backend=backend_name(t),
                     features=dict(features), median_s=median, p10_s=p10, p90_s=p90,
                     repeats=repeats, timestamp=datetime.now(UTC).isoformat(timespec="seconds"),
-                    outliers=outliers, unit_index=unit.index, host=host, runtime=runtime))
-                step(f"time {unit.name} {backend_name(t)}")
+                    outliers=outliers, unit_index=index, host=host, runtime=runtime,
+                    parts=parts if len(parts) > 1 else ()))
+                step(f"time {label} {backend_name(t)}")
+    return records
+
+
+def _group_name(units) -> str:
+    return units[0].name if len(units) == 1 else f"{units[0].name}..{units[-1].name}"
+
+
+def combine_features(parts: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Features of consecutive units run as one stage: sums, except the peak (the largest)
+    and the cut (the last unit's)."""
+    combined = {key: sum(part.get(key, 0.0) for part in parts) for key in parts[0]}
+    combined["peak_activation_bytes"] = max(part.get("peak_activation_bytes", 0.0) for part in parts)
+    combined["cut_bytes"] = parts[-1].get("cut_bytes", 0.0)
+    return combined
+
+
+def records_from_run(directory: str | Path, known: Iterable[UnitProfile] = ()) -> list[UnitProfile]:
+    """Stage-level records from the recorded runs of a compiled directory (DIR/runs.jsonl).
+
+    One record per stage and run: the stage's measured busy time per microbatch (codecs
+    included), its units' features from plan.json as "parts". A local run measured this
+    host: device "host", backend cpu{threads per stage}; a remote run measured the planned
+    device (its preset kind, else its name) and backend. Runs already in `known` (same
+    model, stage and timestamp) are skipped, so importing a directory twice adds nothing.
+    """
+    from edgeplan.planner.plan import Plan
+    from edgeplan.runtime.pipeline import RUNS_FILE
+
+    directory = Path(directory)
+    plan = Plan.from_json(directory)
+    runs_path = directory / RUNS_FILE
+    if not runs_path.is_file():
+        raise EdgeplanError(f"{runs_path}: no recorded runs; run the model first with "
+                            f"`edgeplan run {directory} --inputs INPUTS.npz`")
+    missing = [u.name for u in plan.units if not u.features]
+    if missing:
+        raise EdgeplanError(f"{directory}/plan.json has no unit features (units {missing[:3]}...): "
+                            f"it was compiled by an older edgeplan; compile it again")
+    kinds = {d["name"]: d.get("kind", "custom") for d in plan.fleet.get("device", [])}
+    seen = {(r.model, r.unit, r.timestamp) for r in known}
+    records, skipped = [], 0
+    for number, line in enumerate(runs_path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            run = json.loads(line)
+            times = [float(t) for t in run["stage_mean_s"]]
+            stamp = datetime.fromtimestamp(float(run["time"]), UTC).isoformat(timespec="seconds")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise EdgeplanError(f"{runs_path}, line {number}: not a run record ({exc}); fix or "
+                                f"delete that line") from None
+        if len(times) != len(plan.stages):
+            raise EdgeplanError(f"{runs_path}, line {number}: {len(times)} stage times for a plan "
+                                f"of {len(plan.stages)} stages; the directory was recompiled after "
+                                f"that run: delete the old lines of {RUNS_FILE}")
+        threads = int(run.get("threads_per_stage", 0))
+        if not run.get("remote") and threads < 1:
+            skipped += 1  # recorded before runs said their thread count: backend unknown
+            continue
+        for stage, seconds in zip(plan.stages, times):
+            parts = tuple(dict(plan.units[u].features) for u in range(stage.unit_start, stage.unit_end))
+            units = plan.units[stage.unit_start:stage.unit_end]
+            label = units[0].name if len(units) == 1 else f"{units[0].name}..{units[-1].name}"
+            if (plan.model, label, stamp) in seen:
+                continue
+            if run.get("remote"):
+                kind = kinds.get(stage.device, "custom")
+                device, backend = (stage.device if kind == "custom" else kind), stage.backend
+            else:
+                device, backend = DEVICE, backend_name(threads)
+            records.append(UnitProfile(
+                model=plan.model, unit=label, device=device, backend=backend,
+                features=combine_features(parts), median_s=seconds, p10_s=seconds, p90_s=seconds,
+                repeats=int(run.get("microbatches", 1)), timestamp=stamp, unit_index=stage.index,
+                host=str(run.get("host", "")), runtime="edgeplan run",
+                parts=parts if len(parts) > 1 else ()))
+    if not records and skipped:
+        raise EdgeplanError(f"{runs_path}: its runs do not say how many threads each stage ran "
+                            f"with (recorded by an older edgeplan); run the model again")
     return records
 
 
@@ -336,8 +442,10 @@ __all__ = [
     "ProfileStore",
     "UnitProfile",
     "backend_name",
+    "combine_features",
     "format_profiles",
     "profile_units",
+    "records_from_run",
     "robust_stats",
     "unit_features",
 ]

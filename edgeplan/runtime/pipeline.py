@@ -42,12 +42,14 @@ _DONE = object()
 @dataclass(frozen=True)
 class RunStats:
     """Wall time of the last run; busy time per microbatch of each stage (codecs included)
-    and of each emulated link."""
+    and of each emulated link; the ONNX Runtime threads each local stage ran with (0: not
+    a local run)."""
 
     microbatches: int
     wall_s: float
     stage_mean_s: tuple[float, ...]
     link_mean_s: tuple[float, ...] = ()
+    threads_per_stage: int = 0
 
     @property
     def throughput_per_s(self) -> float:
@@ -62,14 +64,15 @@ def record_run(directory: str | Path, stats: RunStats, emulated_links: bool, rem
 
     Fields: unix time, host, microbatches, wall_s, stage_mean_s (busy seconds per
     microbatch, codecs included), link_mean_s (emulated links), emulated_links, remote
-    (run on deployed workers; stage times measured there). `inspect` shows the latest next
-    to the predictions.
+    (run on deployed workers; stage times measured there), threads_per_stage (intra-op
+    threads of each local stage, 0 when remote). `inspect` shows the latest next to the
+    predictions; `edgeplan profile --from-run` turns them into profile records.
     """
     path = Path(directory) / RUNS_FILE
     record = {"time": time.time(), "host": platform.node(), "microbatches": stats.microbatches,
               "wall_s": stats.wall_s, "stage_mean_s": list(stats.stage_mean_s),
               "link_mean_s": list(stats.link_mean_s), "emulated_links": emulated_links,
-              "remote": remote}
+              "remote": remote, "threads_per_stage": stats.threads_per_stage}
     with open(path, "a") as handle:
         handle.write(json.dumps(record) + "\n")
     return path
@@ -189,6 +192,7 @@ class Pipeline:
         self.manifest: Manifest = read_manifest(self.directory)
         if threads_per_stage is None:
             threads_per_stage = max(1, (os.cpu_count() or 1) // len(self.manifest.stages))
+        self.threads_per_stage = threads_per_stage
         self.sessions = [StageSession(self.directory, stage, threads_per_stage)
                          for stage in self.manifest.stages]
         self.steps: list = []
@@ -253,7 +257,8 @@ class Pipeline:
         self.last_stats = RunStats(
             count, time.perf_counter() - started,
             tuple(b / count for b, step in zip(busy, self.steps) if step.kind == "stage"),
-            tuple(b / count for b, step in zip(busy, self.steps) if step.kind == "link"))
+            tuple(b / count for b, step in zip(busy, self.steps) if step.kind == "link"),
+            self.threads_per_stage)
         return gather_outputs(self.manifest, [tensors for _, tensors in results])
 
 

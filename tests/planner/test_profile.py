@@ -39,7 +39,7 @@ def test_every_unit_has_a_record_per_backend(profiled):
     records, calls = profiled
     units = list(dict.fromkeys(r.unit for r in records))
     assert units[0] == "tok_emb" and "blocks.0" in units and "blocks.1" in units and units[-1] == "head"
-    for backend in ("host-cpu1", "host-cpu2"):
+    for backend in ("cpu1", "cpu2"):
         rows = [r for r in records if r.backend == backend]
         assert [r.unit for r in rows] == units
         for r in rows:
@@ -73,9 +73,9 @@ def test_store_round_trips_and_appends(profiled, tmp_path):
     for line in (tmp_path / "profiles.jsonl").read_text().splitlines():
         data = json.loads(line)
         assert data["format"] == FORMAT and data["version"] == 1
-    cpu2 = store.for_backend("host", "host-cpu2")
-    assert len(cpu2) == 2 * sum(r.backend == "host-cpu2" for r in records)
-    assert store.for_backend("pi5", "host-cpu2") == []
+    cpu2 = store.for_backend("host", "cpu2")
+    assert len(cpu2) == 2 * sum(r.backend == "cpu2" for r in records)
+    assert store.for_backend("pi5", "cpu2") == []
 
 
 def test_corrupt_line_names_file_and_line(profiled, tmp_path):
@@ -107,7 +107,7 @@ def test_unit_sum_matches_whole_model(tiny, profiled, tmp_path):
     """
     model, inputs = tiny
     records, _ = profiled
-    unit_sum = sum(r.median_s for r in records if r.backend == "host-cpu1")
+    unit_sum = sum(r.median_s for r in records if r.backend == "cpu1")
     edgeplan.compile(model, inputs, fleet="pi-cluster", out_dir=tmp_path, num_stages=1)
     pipe = edgeplan.runtime.load(tmp_path, threads_per_stage=1)
     feeds = {name: value.numpy() for name, value in inputs.items()}
@@ -138,9 +138,9 @@ def test_cli_profile_writes_store(tmp_path, capsys):
                  "--repeats", "3"])
     assert code == 0
     records = ProfileStore(store).load()
-    assert {r.backend for r in records} == {"host-cpu1", "host-cpu2"}
+    assert {r.backend for r in records} == {"cpu1", "cpu2"}
     assert all(isinstance(r, UnitProfile) and r.model == "tiny_gpt" for r in records)
     captured = capsys.readouterr()
-    assert "host/host-cpu1" in captured.out and "host/host-cpu2" in captured.out
+    assert "host/cpu1" in captured.out and "host/cpu2" in captured.out
     assert "total" in captured.out and str(store) in captured.out
     assert "\r" in captured.err

@@ -1,0 +1,226 @@
+"""Layer space: sampled single-layer configurations to profile next to a model zoo.
+
+A latency predictor trained on a few whole models sees few shapes per op kind. The layer
+space fills the gaps: for each family (linear, matmul, conv, attention, norm,
+elementwise) it samples layer shapes log-uniformly from seeded ranges and builds one
+`LayerBank` model per family whose `layers.i` are the sampled layers, each applied to
+its own input. `group_units` makes every `layers.i` its own unit (each layer reads a
+weight, so none is merged away as a light run), and `profile_units` times them like
+the units of any model.
+
+    for name, model, inputs in layer_space(samples=12, seed=0):
+        records += profile_units(model, inputs, name=name)
+
+Shapes are capped by a FLOP budget (`max_mflops`) so that one layer stays in the
+0.01-20 ms range on a small CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FAMILIES = ("linear", "matmul", "conv", "attention", "norm", "elementwise")
+
+
+class LayerBank(nn.Module):
+    """Independent layers: forward(x0, x1, ...) -> (layers[0](x0), layers[1](x1), ...)."""
+
+    def __init__(self, layers: list[nn.Module]):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, *inputs):
+        return tuple(layer(*x) if isinstance(x, tuple) else layer(x)
+                     for layer, x in zip(self.layers, inputs))
+
+
+class ScaledMatmul(nn.Module):
+    """Batched activation x activation matmul: (a * scale) @ b."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.rand(k) + 0.5)
+
+    def forward(self, a, b):
+        return torch.matmul(a * self.scale, b)
+
+
+class ScaledAttention(nn.Module):
+    """Scaled dot-product attention on (q * scale, k, v), causal or not."""
+
+    def __init__(self, head_dim: int, causal: bool):
+        super().__init__()
+        self.scale = nn.Parameter(torch.rand(head_dim) + 0.5)
+        self.causal = causal
+
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q * self.scale, k, v, is_causal=self.causal)
+
+
+class ScaledSoftmax(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.rand(width) + 0.5)
+
+    def forward(self, x):
+        return torch.softmax(x * self.scale, dim=-1)
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, written out (ONNX opset 17 has no RMSNorm)."""
+
+    def __init__(self, width: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(width) + 0.5)
+        self.eps = eps
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class Elementwise(nn.Module):
+    """One elementwise op after a per-channel affine (the weight keeps it its own unit)."""
+
+    OPS: dict[str, Callable] = {
+        "gelu": F.gelu,
+        "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+        "silu": F.silu,
+        "relu": F.relu,
+        "sigmoid": torch.sigmoid,
+        "square": lambda x: x * x,
+    }
+
+    def __init__(self, width: int, op: str):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(width) + 0.5)
+        self.bias = nn.Parameter(torch.rand(width))
+        self.op = op
+
+    def forward(self, x):
+        return self.OPS[self.op](x * self.weight + self.bias)
+
+
+class ChannelAffine(nn.Module):
+    """x * weight + bias over channels of an NCHW tensor, then ReLU (conv-net epilogue)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(channels, 1, 1) + 0.5)
+        self.bias = nn.Parameter(torch.rand(channels, 1, 1))
+
+    def forward(self, x):
+        return F.relu(x * self.weight + self.bias)
+
+
+def _log_uniform(rng: random.Random, low: int, high: int, multiple: int = 1) -> int:
+    value = math.exp(rng.uniform(math.log(low), math.log(high)))
+    return max(low, int(round(value / multiple)) * multiple)
+
+
+def _fits(mflops: float, max_mflops: float) -> bool:
+    return mflops <= max_mflops
+
+
+def _linear(rng, max_mflops):
+    while True:
+        tokens = _log_uniform(rng, 1, 512)
+        d_in, d_out = _log_uniform(rng, 32, 2048, 8), _log_uniform(rng, 32, 2048, 8)
+        if _fits(2 * tokens * d_in * d_out / 1e6, max_mflops):
+            batch = rng.choice([b for b in (1, 2, 4) if tokens % b == 0])
+            layer = nn.Linear(d_in, d_out, bias=rng.random() < 0.8)
+            return f"linear {tokens}x{d_in}->{d_out}", layer, torch.randn(batch, tokens // batch, d_in)
+
+
+def _matmul(rng, max_mflops):
+    while True:
+        batch_heads = _log_uniform(rng, 1, 32)
+        m, k, n = (_log_uniform(rng, 8, 512) for _ in range(3))
+        if _fits(2 * batch_heads * m * k * n / 1e6, max_mflops):
+            a, b = torch.randn(batch_heads, m, k), torch.randn(batch_heads, k, n)
+            return f"matmul {batch_heads}x{m}x{k}x{n}", ScaledMatmul(k), (a, b)
+
+
+def _conv(rng, max_mflops):
+    while True:
+        c_in, c_out = _log_uniform(rng, 8, 512), _log_uniform(rng, 8, 512)
+        size = _log_uniform(rng, 4, 64)
+        kernel = rng.choice([1, 3, 3, 5, 7])
+        stride = rng.choice([1, 1, 2])
+        depthwise = rng.random() < 0.25
+        if depthwise:
+            c_out = c_in
+        groups = c_in if depthwise else 1
+        out_size = (size + 2 * (kernel // 2) - kernel) // stride + 1
+        mflops = 2 * c_out * out_size ** 2 * (c_in // groups) * kernel ** 2 / 1e6
+        if out_size >= 1 and _fits(mflops, max_mflops):
+            layers = [nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, groups=groups,
+                                bias=rng.random() < 0.5)]
+            if rng.random() < 0.4:  # conv + folded-BN-like affine + ReLU, as in CNN blocks
+                layers.append(ChannelAffine(c_out))
+            name = f"conv {c_in}->{c_out} k{kernel} s{stride} {size}px" + (" dw" if depthwise else "")
+            return name, nn.Sequential(*layers), torch.randn(1, c_in, size, size)
+
+
+def _attention(rng, max_mflops):
+    while True:
+        batch, heads = rng.choice([1, 2, 4]), rng.choice([1, 2, 4, 8, 12])
+        length = _log_uniform(rng, 8, 512)
+        head_dim = rng.choice([16, 32, 64, 128])
+        if _fits(4 * batch * heads * length * length * head_dim / 1e6, max_mflops):
+            q, k, v = (torch.randn(batch, heads, length, head_dim) for _ in range(3))
+            causal = rng.random() < 0.6
+            return (f"attention {batch}x{heads}x{length}x{head_dim}" + (" causal" if causal else ""),
+                    ScaledAttention(head_dim, causal), (q, k, v))
+
+
+def _norm(rng, max_mflops):
+    kind = rng.choice(["layer_norm", "rms_norm", "batch_norm", "softmax"])
+    if kind == "batch_norm":
+        channels, size = _log_uniform(rng, 8, 256), _log_uniform(rng, 4, 64)
+        layer = nn.BatchNorm2d(channels)
+        with torch.no_grad():
+            layer.running_var.uniform_(0.5, 1.5)
+        return f"batch_norm {channels}x{size}px", layer, torch.randn(1, channels, size, size)
+    tokens, width = _log_uniform(rng, 1, 1024), _log_uniform(rng, 16, 4096, 8)
+    layer = {"layer_norm": nn.LayerNorm, "rms_norm": RMSNorm, "softmax": ScaledSoftmax}[kind](width)
+    return f"{kind} {tokens}x{width}", layer, torch.randn(1, tokens, width)
+
+
+def _elementwise(rng, max_mflops):
+    op = rng.choice(list(Elementwise.OPS))
+    tokens, width = _log_uniform(rng, 1, 1024), _log_uniform(rng, 16, 4096, 8)
+    return f"{op} {tokens}x{width}", Elementwise(width, op), torch.randn(1, tokens, width)
+
+
+SAMPLERS = {"linear": _linear, "matmul": _matmul, "conv": _conv, "attention": _attention,
+            "norm": _norm, "elementwise": _elementwise}
+
+
+def layer_space(samples: int = 12, seed: int = 0, families: tuple[str, ...] = FAMILIES,
+                max_mflops: float = 400.0) -> Iterator[tuple[str, LayerBank, tuple, tuple[str, ...]]]:
+    """(model name, LayerBank, example inputs, layer descriptions) per family, seeded.
+
+    Unit `layers.i` of the bank is the layer described by descriptions[i].
+    """
+    unknown = [f for f in families if f not in SAMPLERS]
+    if unknown:
+        raise ValueError(f"layer_space: unknown famil(ies) {unknown}; known: {', '.join(FAMILIES)}")
+    for family in families:
+        rng = random.Random(f"{seed}:{family}")
+        torch.manual_seed(rng.randrange(2**31))
+        layers, inputs, descriptions = [], [], []
+        for _ in range(samples):
+            description, layer, x = SAMPLERS[family](rng, max_mflops)
+            layers.append(layer)
+            inputs.append(x)
+            descriptions.append(description)
+        yield f"layers-{family}", LayerBank(layers).eval(), tuple(inputs), tuple(descriptions)
+
+
+__all__ = ["FAMILIES", "LayerBank", "layer_space"]

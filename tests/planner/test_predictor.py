@@ -1,0 +1,281 @@
+"""Learned latency predictor: fit, fallback, adaptation, records from runs, replanning."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+from conftest import EXAMPLES, load_example
+
+import edgeplan
+from edgeplan.cli import main
+from edgeplan.errors import EdgeplanError
+from edgeplan.passes.annotate import annotate
+from edgeplan.passes.capture import capture
+from edgeplan.passes.units import group_units
+from edgeplan.planner.cost import RooflineCostModel
+from edgeplan.planner.fleet import load_fleet
+from edgeplan.planner.layer_space import FAMILIES, layer_space
+from edgeplan.planner.plan import Plan
+from edgeplan.planner.predictor import (
+    MIN_FIT_RECORDS,
+    PREDICTED_KINDS,
+    LearnedCostModel,
+    Predictor,
+    PredictorError,
+    adapt,
+    feature_vector,
+    fit_model,
+    nnls,
+)
+from edgeplan.planner.profile import (
+    ProfileStore,
+    UnitProfile,
+    combine_features,
+    profile_units,
+    records_from_run,
+    unit_features,
+)
+from edgeplan.runtime.pipeline import RUNS_FILE
+
+TINY = {"n_layer": 4, "d_model": 32, "n_head": 2, "vocab": 64, "seq": 8}
+# Seconds per op, per FLOP and per byte of each kind, and per session run: a known latency law.
+TRUE_COEF = np.array([30e-6] + [value for kind in PREDICTED_KINDS for value in (
+    {"matmul": 4e-6, "conv": 6e-6, "attention": 8e-6}.get(kind, 2e-6),
+    {"matmul": 1 / 40e9, "conv": 1 / 25e9, "attention": 1 / 15e9}.get(kind, 1 / 2e9),
+    1 / 8e9)])
+
+
+def synthetic_features(rng: random.Random, kinds=PREDICTED_KINDS) -> dict[str, float]:
+    features = {}
+    for kind in rng.sample(list(kinds), rng.randint(1, min(4, len(kinds)))):
+        count = rng.randint(1, 12)
+        features[f"{kind}_count"] = float(count)
+        features[f"{kind}_flops"] = float(count * 10 ** rng.uniform(4, 8))
+        features[f"{kind}_bytes"] = float(count * 10 ** rng.uniform(3, 6.5))
+    return features
+
+
+def synthetic_records(count, seed, backend="cpu1", coef=TRUE_COEF, noise=0.02, kinds=PREDICTED_KINDS):
+    rng = random.Random(seed)
+    records = []
+    for i in range(count):
+        features = synthetic_features(rng, kinds)
+        seconds = float(feature_vector(features) @ coef) * (1 + rng.uniform(-noise, noise))
+        records.append(UnitProfile(model="synthetic", unit=f"u{i}", device="host", backend=backend,
+                                   features=features, median_s=seconds, p10_s=seconds,
+                                   p90_s=seconds, repeats=1, timestamp="2025-01-01T00:00:00+00:00"))
+    return records
+
+
+def relative_errors(model, records):
+    return np.array([model.predict(r.features) / r.median_s - 1 for r in records])
+
+
+def test_nnls_satisfies_the_optimality_conditions():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        a = rng.normal(size=(12, 6))
+        b = rng.normal(size=12)
+        x = nnls(a, b)
+        gradient = a.T @ (a @ x - b)
+        assert (x >= 0).all()
+        assert np.allclose(gradient[x > 0], 0, atol=1e-8)  # free coefficients: stationary
+        assert (gradient[x == 0] >= -1e-8).all()  # clamped ones: moving up would not help
+
+
+def test_fit_predicts_unseen_units_of_a_known_law():
+    model = fit_model(synthetic_records(300, seed=1), "host", "cpu1")
+    fresh = synthetic_records(200, seed=2)  # other units: corrections cannot apply
+    errors = np.abs(relative_errors(model, fresh))
+    assert np.median(errors) < 0.03 and np.mean(errors <= 0.10) > 0.95
+    assert (model.coef >= 0).all() and model.kinds == frozenset(PREDICTED_KINDS)
+
+
+def test_measured_units_are_predicted_as_measured():
+    records = synthetic_records(100, seed=3)
+    slow = records[0]
+    records.append(UnitProfile(**{**slow.__dict__, "median_s": slow.median_s * 3}))
+    model = fit_model(records, "host", "cpu1")
+    assert model.predict(slow.features) == pytest.approx(slow.median_s * 3, rel=1e-9)
+    # a stage-level record corrects each of its parts by the same factor
+    stage = UnitProfile(**{**records[1].__dict__, "unit": "u1..u2",
+                           "parts": (records[1].features, records[2].features),
+                           "features": combine_features([records[1].features, records[2].features]),
+                           "median_s": 2 * (records[1].median_s + records[2].median_s)})
+    model = fit_model(records + [stage], "host", "cpu1")
+    total = model.predict(records[1].features) + model.predict(records[2].features)
+    assert total == pytest.approx(stage.median_s, rel=1e-9)
+
+
+def test_adaptation_improves_with_samples():
+    source = fit_model(synthetic_records(300, seed=4), "host", "cpu1")
+    # The target backend: twice as fast on FLOPs, same per-op overhead, slower memory.
+    target_coef = TRUE_COEF.copy()
+    target_coef[2::3] /= 2.0
+    target_coef[3::3] *= 1.3
+    pool = synthetic_records(60, seed=5, backend="cpu2", coef=target_coef)
+    tests = synthetic_records(200, seed=6, backend="cpu2", coef=target_coef)
+    curve = []
+    for k in (0, 5, 20, 60):
+        model = adapt(source, pool[:k], "host", "cpu2")
+        curve.append(float(np.median(np.abs(relative_errors(model, tests)))))
+    assert curve[0] > curve[1] > curve[2] >= curve[3] - 0.005
+    assert curve[3] < 0.06 < curve[0]
+
+
+def test_few_records_adapt_from_the_backend_that_explains_them():
+    own = synthetic_records(MIN_FIT_RECORDS, seed=7)
+    few = synthetic_records(8, seed=8, backend="cpu2", coef=TRUE_COEF * 0.5)
+    predictor = Predictor.fit(own + few)
+    adapted = predictor.models[("host", "cpu2")]
+    assert adapted.source == "host/cpu1" and adapted.records == 8
+    tests = synthetic_records(100, seed=9, backend="cpu2", coef=TRUE_COEF * 0.5)
+    assert np.median(np.abs(relative_errors(adapted, tests))) < 0.05
+    with pytest.raises(PredictorError, match="no backend has the"):
+        Predictor.fit(few)
+    with pytest.raises(PredictorError, match="no records"):
+        Predictor.fit([])
+
+
+@pytest.fixture(scope="module")
+def tiny_units():
+    model, inputs = load_example("gpt").build(**TINY)
+    return group_units(annotate(capture(model, inputs)))
+
+
+def test_fallback_marks_guessed_units(tiny_units):
+    # Data for cpu1 only, and without attention: blocks fall back to the roofline there.
+    kinds = tuple(k for k in PREDICTED_KINDS if k != "attention")
+    cost_model = LearnedCostModel(Predictor.fit(synthetic_records(200, seed=10, kinds=kinds)))
+    fleet = load_fleet("host")
+    tables = cost_model.costs(tiny_units, fleet)
+    roofline = RooflineCostModel().costs(tiny_units, fleet)
+    cpu1, cpu2 = tables.slots.index(("host", "cpu1")), tables.slots.index(("host", "cpu2"))
+    blocks = [i for i, u in enumerate(tiny_units) if u.name.startswith("blocks.")]
+    assert tables.model == "learned" and len(blocks) == TINY["n_layer"]
+    assert tables.guessed[:, cpu2].all()  # no data at all for cpu2
+    assert tables.guessed[blocks, cpu1].all()
+    assert not tables.guessed[[0, len(tiny_units) - 1], cpu1].any()  # embedding, head
+    assert np.array_equal(tables.compute_s[tables.guessed], roofline.compute_s[tables.guessed])
+    head = tiny_units[-1]
+    expected = float(feature_vector(unit_features(head)) @ TRUE_COEF)
+    assert tables.compute_s[-1, cpu1] == pytest.approx(expected, rel=0.05)
+    assert set(tables.guessed_units) == {u.name for u in tiny_units}
+
+    model, inputs = load_example("gpt").build(**TINY)
+    plan = edgeplan.compile(model, inputs, fleet="host", cost_model=cost_model)
+    stage = plan.stages[0]
+    assert stage.guessed_units == tuple(
+        u.name for u, row in zip(tiny_units, tables.guessed)
+        if row[tables.slots.index((stage.device, stage.backend))])
+    again = Plan.from_dict(json.loads(plan.to_json()))
+    assert again.stages[0].guessed_units == stage.guessed_units
+    assert np.array_equal(again.costs.guessed, plan.costs.guessed)
+    assert again.units[1].features == unit_features(tiny_units[1])
+
+
+def test_layer_space_gives_one_unit_per_sampled_layer():
+    seen = []
+    for name, bank, inputs, descriptions in layer_space(samples=3, seed=1):
+        units = group_units(annotate(capture(bank, inputs, name)))
+        assert [u.name for u in units] == ["layers.0", "layers.1", "layers.2"]
+        family = name.removeprefix("layers-")
+        kind = {"linear": "matmul", "elementwise": "elementwise"}.get(family, family)
+        for unit, description in zip(units, descriptions):
+            assert description.split()[0] in (family, "batch_norm", "layer_norm", "rms_norm",
+                                              "softmax", *ELEMENTWISE_OPS)
+            if family != "norm":
+                assert kind in {m.kind for m in unit.op_mix}, (description, unit.op_mix)
+        seen.append(family)
+    assert tuple(seen) == FAMILIES
+    again = [d for _, _, _, d in layer_space(samples=3, seed=1)]
+    assert again == [d for _, _, _, d in layer_space(samples=3, seed=1)]  # seeded
+    with pytest.raises(ValueError, match="unknown"):
+        list(layer_space(families=("lstm",)))
+
+
+ELEMENTWISE_OPS = ("gelu", "gelu_tanh", "silu", "relu", "sigmoid", "square")
+
+
+def test_profile_stages_gives_stage_records():
+    model, inputs = load_example("gpt").build(n_layer=2, d_model=32, n_head=2, vocab=64, seq=8)
+    records = profile_units(model, inputs, threads=(1,), repeats=2, stage_of_unit=[0] * 3 + [1] * 3)
+    assert [r.unit for r in records] == ["tok_emb..blocks.0", "blocks.1..head"]
+    for record in records:
+        assert len(record.parts) == 3 and record.median_s > 0
+        assert record.features["flops"] == sum(p["flops"] for p in record.parts)
+    with pytest.raises(EdgeplanError, match="stage_of_unit"):
+        profile_units(model, inputs, threads=(1,), repeats=1, stage_of_unit=[0, 2, 2, 2, 2, 2])
+
+
+@pytest.fixture
+def compiled_pair(tmp_path, tiny_units):
+    """Tiny GPT on host-pair with a learned model of a known law; a factory file for the CLI."""
+    store = tmp_path / "profiles.jsonl"
+    ProfileStore(store).append(synthetic_records(200, seed=11))
+    factory = tmp_path / "tiny_gpt.py"
+    factory.write_text(
+        "from edgeplan.cli import load_module\n"
+        f"gpt = load_module({str(EXAMPLES / 'gpt.py')!r})\n"
+        "def build():\n"
+        f"    return gpt.build(**{TINY!r})\n")
+    out = tmp_path / "out"
+    assert main(["compile", f"{factory}:build", "--fleet", "host-pair", "-o", str(out),
+                 "--cost-model", "learned", "--store", str(store)]) == 0
+    return store, factory, out
+
+
+def test_records_from_run_and_replan(compiled_pair, capsys):
+    store, factory, out = compiled_pair
+    plan = Plan.from_json(out)
+    assert plan.costs.model == "learned" and len(plan.stages) == 2
+    pipe = edgeplan.runtime.load(out)
+    ids = np.random.default_rng(0).integers(0, TINY["vocab"], (4, TINY["seq"]))
+    pipe.run({"input_ids": ids})
+    edgeplan.runtime.record_run(out, pipe.last_stats, emulated_links=False)
+
+    records = records_from_run(out)
+    assert [r.unit_index for r in records] == [0, 1]
+    for record, stage, measured in zip(records, plan.stages, pipe.last_stats.stage_mean_s):
+        assert (record.device, record.backend) == ("host", f"cpu{pipe.threads_per_stage}")
+        assert record.median_s == measured and record.repeats == 2
+        units = plan.units[stage.unit_start:stage.unit_end]
+        assert record.features["flops"] == sum(u.features["flops"] for u in units)
+    assert records_from_run(out, records) == []  # imported once only
+
+    # Measurements say stage 0 is 4x slower than planned: the replan moves units off it.
+    first = plan.stages[0]
+    run = {"time": 1.0e9, "host": "test", "microbatches": 8, "wall_s": 1.0,
+           "stage_mean_s": [4 * first.compute_s, plan.stages[1].compute_s], "link_mean_s": [],
+           "emulated_links": False, "remote": False, "threads_per_stage": 1}
+    (out / RUNS_FILE).write_text(json.dumps(run) + "\n")
+    replanned = out.parent / "replanned"
+    assert main(["compile", str(factory) + ":build", "--fleet", "host-pair", "-o", str(replanned),
+                 "--replan", str(out), "--store", str(store), "--plan-only"]) == 0
+    after = Plan.from_json(replanned)
+    assert after.stages[0].unit_end < first.unit_end
+
+    capsys.readouterr()
+    assert main(["profile", "--from-run", str(out), "--store", str(store)]) == 0
+    text = capsys.readouterr().out
+    assert "2 stage measurement(s)" in text and "measured" in text and "predicted now" in text
+    assert main(["profile", "--from-run", str(out), "--store", str(store)]) == 0
+    assert "in the store already" in capsys.readouterr().out
+
+
+def test_from_run_errors_name_the_fix(compiled_pair, tmp_path, capsys):
+    _store, _factory, out = compiled_pair
+    with pytest.raises(EdgeplanError, match="no recorded runs"):
+        records_from_run(out)
+    (out / RUNS_FILE).write_text(json.dumps({"time": 1.0, "stage_mean_s": [0.1]}) + "\n")
+    with pytest.raises(EdgeplanError, match="1 stage times for a plan of 2 stages"):
+        records_from_run(out)
+    (out / RUNS_FILE).write_text(json.dumps({"time": 1.0, "stage_mean_s": [0.1, 0.1]}) + "\n")
+    with pytest.raises(EdgeplanError, match="run the model again"):
+        records_from_run(out)
+    (out / RUNS_FILE).write_text("{oops\n")
+    with pytest.raises(EdgeplanError, match=r"runs\.jsonl, line 1"):
+        records_from_run(out)
+    assert main(["profile", "--store", str(tmp_path / "x.jsonl")]) == 2
+    assert "nothing to measure" in capsys.readouterr().err
