@@ -132,7 +132,7 @@ def cmd_run(args) -> int:
     if args.remote:
         from edgeplan.runtime.deploy import connect
 
-        pipe = connect(args.directory, token_file=args.token_file, timeout_s=args.timeout)
+        pipe = connect(args.directory, token_file=args.token_file, timeout_s=args.timeout, tls=_tls(args))
     else:
         pipe = load(args.directory, emulate_links=args.emulate_links)
     try:
@@ -236,6 +236,19 @@ def _print_refit(store, directory) -> None:
               f"measured {run['stage_mean_s'][stage.index] * 1e3:.3f}, predicted now {now}")
 
 
+def _tls(args):
+    """mTLS files from --tls-ca/--tls-cert/--tls-key, or None."""
+    from edgeplan.runtime.wire import Tls
+
+    return Tls.from_paths(args.tls_ca, args.tls_cert, args.tls_key)
+
+
+def _add_tls_options(parser, who: str) -> None:
+    parser.add_argument("--tls-ca", default=None, help=f"mTLS: the fleet's CA certificate (PEM){who}")
+    parser.add_argument("--tls-cert", default=None, help="mTLS: this node's certificate, signed by the CA")
+    parser.add_argument("--tls-key", default=None, help="mTLS: this node's private key")
+
+
 def cmd_worker(args) -> int:
     import logging
     import os
@@ -250,7 +263,7 @@ def cmd_worker(args) -> int:
     if not host or not port.isdigit():
         raise EdgeplanError(f"--listen {args.listen!r}: expected HOST:PORT, e.g. 0.0.0.0:7000")
     directory = Path(args.dir or Path.home() / ".cache" / "edgeplan" / f"worker-{port}")
-    server, bound = serve(args.listen, read_token(args.token_file), directory, args.threads)
+    server, bound = serve(args.listen, read_token(args.token_file), directory, args.threads, _tls(args))
     print(f"edgeplan worker listening on {host}:{bound} (pid {os.getpid()}), directory {directory}",
           flush=True)
     stop = threading.Event()
@@ -265,7 +278,7 @@ def cmd_worker(args) -> int:
 def cmd_deploy(args) -> int:
     from edgeplan.runtime.deploy import DEPLOYMENT_FILE, deploy
 
-    record = deploy(args.directory, args.fleet, args.token_file, timeout_s=args.timeout)
+    record = deploy(args.directory, args.fleet, args.token_file, timeout_s=args.timeout, tls=_tls(args))
     for worker in record.workers:
         print(f"  {worker.device:<20} {worker.address:<24} stage(s) {', '.join(map(str, worker.stages))}")
     print(f"deployed {args.directory} (manifest {record.deployment[:12]}) to {len(record.workers)} "
@@ -337,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
                             help="with --remote: the fleet token (default: the one given to deploy)")
     run_parser.add_argument("--timeout", type=float, default=30.0,
                             help="with --remote: deadline in seconds for one microbatch through the chain")
+    _add_tls_options(run_parser, "; with --remote, default: the files given to deploy")
     run_parser.set_defaults(handler=cmd_run)
 
     worker_parser = sub.add_parser("worker", help="serve stages to a driver over gRPC (on a device)")
@@ -346,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
                                help="where artifacts are stored (default ~/.cache/edgeplan/worker-PORT)")
     worker_parser.add_argument("--threads", type=int, default=0,
                                help="ONNX Runtime intra-op threads per stage (default 0: all cores)")
+    _add_tls_options(worker_parser, "; with these, only clients with a certificate it signed get in")
     worker_parser.set_defaults(handler=cmd_worker)
 
     deploy_parser = sub.add_parser("deploy", help="upload compiled stages to the workers of a fleet")
@@ -353,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     deploy_parser.add_argument("--fleet", required=True, help="fleet .toml whose devices carry address")
     deploy_parser.add_argument("--token-file", required=True, help="file holding the fleet's shared token")
     deploy_parser.add_argument("--timeout", type=float, default=120.0, help="deadline per upload/configure call")
+    _add_tls_options(deploy_parser, "; needed when the workers run with mTLS")
     deploy_parser.set_defaults(handler=cmd_deploy)
 
     profile_parser = sub.add_parser("profile", help="measure per-unit latency on this host's ONNX Runtime CPU")

@@ -1,6 +1,6 @@
 """The driver: deploy a compiled model to `edgeplan worker`s on devices, and run it through them.
 
-    edgeplan deploy out/gpt --fleet fleet.toml --token-file fleet.token
+    edgeplan deploy out/gpt --fleet fleet.toml --token-file fleet.token [--tls-ca ... --tls-cert ... --tls-key ...]
     edgeplan run out/gpt --remote --inputs x.npz
 
     from edgeplan.runtime.deploy import connect, deploy
@@ -13,7 +13,8 @@ each worker's health and versions (same edgeplan version and protocol), uploads 
 device's artifacts (the worker checks size and sha256), configures the workers from the
 last stage back to the first (each checks it can reach its next hop and that the hop runs
 the next stage), checks health again (manifest sha256 and stages), and writes
-DIR/deployment.json (workers, manifest sha256, token file path; never the token).
+DIR/deployment.json (workers, manifest sha256, token file path, TLS file paths; never the
+token). With `tls` (mTLS files), every call is encrypted and both ends are authenticated.
 
 Run: microbatches as in the local pipeline (split_batch / gather_outputs). The driver opens
 the run's output stream on the last worker, then sends microbatches to the first worker
@@ -55,6 +56,7 @@ from edgeplan.runtime.manifest import (
 from edgeplan.runtime.pipeline import RunStats, gather_outputs, split_batch
 from edgeplan.runtime.wire import (
     PROTOCOL_VERSION,
+    Tls,
     WorkerClient,
     grpc,
     pack,
@@ -84,6 +86,7 @@ class Deployment:
     deployment: str
     workers: tuple[WorkerPlacement, ...]
     token_file: str
+    tls: Tls | None = None
 
 
 def _addresses(fleet) -> dict[str, str]:
@@ -134,10 +137,12 @@ def _check_deployed(status: dict, client: WorkerClient, deployment: str, stages:
             f"over?); run `edgeplan deploy` again")
 
 
-def deploy(directory: str | Path, fleet, token_file: str | Path, timeout_s: float = 120.0) -> Deployment:
+def deploy(directory: str | Path, fleet, token_file: str | Path, timeout_s: float = 120.0,
+           tls: Tls | None = None) -> Deployment:
     """Upload and configure every stage of the compile output `directory` on its device's worker.
 
-    `fleet`: a Fleet, a preset name or a fleet .toml path whose devices carry `address`.
+    `fleet`: a Fleet, a preset name or a fleet .toml path whose devices carry `address`;
+    `tls`: mTLS files when the workers run with them.
     """
     directory = Path(directory)
     manifest = read_manifest(directory)  # also verifies the local artifacts' sha256
@@ -145,7 +150,7 @@ def deploy(directory: str | Path, fleet, token_file: str | Path, timeout_s: floa
     deployment = sha256_bytes(manifest_bytes)
     token = read_token(token_file)
     placements = place(manifest, _addresses(fleet), str(fleet))
-    clients = [WorkerClient(p.address, token, p.device) for p in placements]
+    clients = [WorkerClient(p.address, token, p.device, tls) for p in placements]
     try:
         for client in clients:
             _check_versions(client.health(), client)
@@ -165,7 +170,7 @@ def deploy(directory: str | Path, fleet, token_file: str | Path, timeout_s: floa
     finally:
         for client in clients:
             client.close()
-    record = Deployment(deployment, placements, str(Path(token_file).resolve()))
+    record = Deployment(deployment, placements, str(Path(token_file).resolve()), tls)
     (directory / DEPLOYMENT_FILE).write_text(json.dumps(asdict(record), indent=1))
     return record
 
@@ -179,7 +184,8 @@ def read_deployment(directory: str | Path) -> Deployment:
         data = json.loads(path.read_text())
         return Deployment(data["deployment"],
                           tuple(WorkerPlacement(w["device"], w["address"], tuple(w["stages"]))
-                                for w in data["workers"]), data["token_file"])
+                                for w in data["workers"]), data["token_file"],
+                          Tls(**data["tls"]) if data.get("tls") else None)
     except (ValueError, KeyError, TypeError) as exc:
         raise RemoteError(f"{path}: malformed ({exc.__class__.__name__}: {exc}); deploy again") from None
 
@@ -188,7 +194,8 @@ class RemotePipeline:
     """A deployed model: `run(inputs) -> outputs`, like the local Pipeline, through the workers."""
 
     def __init__(self, directory: str | Path, token_file: str | Path | None = None,
-                 timeout_s: float = 30.0, window: int | None = None, retry_for_s: float = 10.0):
+                 timeout_s: float = 30.0, window: int | None = None, retry_for_s: float = 10.0,
+                 tls: Tls | None = None):
         self.directory = Path(directory)
         self.manifest: Manifest = read_manifest(self.directory, verify=False)
         record = read_deployment(self.directory)
@@ -199,7 +206,8 @@ class RemotePipeline:
         token = read_token(token_file or record.token_file)
         self.timeout_s, self.retry_for_s = timeout_s, retry_for_s
         self.window = window or 2 * len(self.manifest.stages)
-        self.workers = [WorkerClient(p.address, token, p.device) for p in record.workers]
+        tls = tls or record.tls
+        self.workers = [WorkerClient(p.address, token, p.device, tls) for p in record.workers]
         try:
             for placement, client in zip(record.workers, self.workers):
                 status = client.health()

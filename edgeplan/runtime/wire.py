@@ -22,7 +22,9 @@ output as the stage step produced it, and arrays in codec "raw" (bit-exact, any 
 Upload chunks after the first message are raw bytes, not framed.
 
 Auth: every call carries `authorization: Bearer <token>` (the fleet's shared token, read
-from a file); a worker refuses any call without it. Errors a worker raises itself carry
+from a file); a worker refuses any call without it. With `Tls` files (mTLS), the traffic is
+also encrypted, a worker accepts only clients with a certificate signed by the fleet's CA,
+and clients check the worker's certificate against the CA and the address's host. Errors a worker raises itself carry
 the trailing metadata key `edgeplan-origin` (the device that failed), so a caller can tell
 "the worker I called reported this" (relay the message) from "I could not reach the worker"
 (name it). UNAVAILABLE and DEADLINE_EXCEEDED are transient (retried by the driver); every
@@ -35,6 +37,7 @@ import hashlib
 import json
 import struct
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +136,52 @@ def read_token(path: str | Path) -> str:
     return token
 
 
+@dataclass(frozen=True)
+class Tls:
+    """mTLS files (PEM): the fleet's CA certificate, and this node's certificate and key.
+
+    Node certificates are signed by the CA and name the host a worker is reached at in
+    subjectAltName (IP:10.0.0.5 or DNS:pi-a.local). Workers and the driver use the same
+    kind of files; a worker also presents its own when it calls the next worker.
+    """
+
+    ca: str
+    cert: str
+    key: str
+
+    @classmethod
+    def from_paths(cls, ca=None, cert=None, key=None) -> "Tls | None":
+        """None when no file is given; all three or none."""
+        given = {"ca": ca, "cert": cert, "key": key}
+        if not any(given.values()):
+            return None
+        missing = [f"--tls-{name}" for name, value in given.items() if not value]
+        if missing:
+            raise RemoteError(f"mTLS needs --tls-ca, --tls-cert and --tls-key together; missing {', '.join(missing)}")
+        return cls(*(str(Path(value).resolve()) for value in given.values()))
+
+    def _read(self) -> tuple[bytes, bytes, bytes]:
+        contents = []
+        for name in ("ca", "cert", "key"):
+            path = Path(getattr(self, name))
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise RemoteError(f"TLS {name} file {path}: cannot read it ({exc.strerror})") from None
+            if b"-----BEGIN" not in data:
+                raise RemoteError(f"TLS {name} file {path}: not a PEM file (no -----BEGIN line)")
+            contents.append(data)
+        return tuple(contents)
+
+    def channel_credentials(self):
+        ca, cert, key = self._read()
+        return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+
+    def server_credentials(self):
+        ca, cert, key = self._read()
+        return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -145,19 +194,20 @@ def rpc_failure(exc: grpc.RpcError, device: str, address: str) -> tuple[str, boo
     where = f"device {device!r} at {address}"
     if code == grpc.StatusCode.UNAVAILABLE:
         return (f"{where} is unreachable ({details.splitlines()[0] if details else 'no detail'}); "
-                f"is `edgeplan worker` running there?"), True
+                f"is `edgeplan worker` running there, with the same --tls-* setting (files or none)?"), True
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return f"{where} did not answer before the deadline (hung or overloaded?)", True
     return f"{where}: {code.name}: {details}", False
 
 
 class WorkerClient:
-    """Calls to one worker, with the token and a deadline on every call."""
+    """Calls to one worker, with the token and a deadline on every call (over mTLS with `tls`)."""
 
-    def __init__(self, address: str, token: str, device: str):
+    def __init__(self, address: str, token: str, device: str, tls: Tls | None = None):
         self.address, self.device = address, device
         self._metadata = ((TOKEN_KEY, f"Bearer {token}"),)
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = (grpc.secure_channel(address, tls.channel_credentials(), options=CHANNEL_OPTIONS)
+                         if tls else grpc.insecure_channel(address, options=CHANNEL_OPTIONS))
         method = f"/{SERVICE}/"
         self._health = self._channel.unary_unary(method + "Health")
         self._upload = self._channel.stream_unary(method + "Upload")

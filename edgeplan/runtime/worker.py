@@ -1,6 +1,7 @@
 """`edgeplan worker`: a gRPC server that runs the stages of one compiled model on one device.
 
     edgeplan worker --listen 0.0.0.0:7000 --token-file fleet.token [--dir DIR] [--threads N]
+                    [--tls-ca ca.pem --tls-cert node.pem --tls-key node.key]
 
 The driver (runtime/deploy.py) uploads the device's stage artifacts (streamed in 1 MB
 chunks, size and sha256 checked, stored under DIR/<manifest sha256>/ by plain file name:
@@ -56,6 +57,7 @@ from edgeplan.runtime.wire import (
     PROTOCOL_VERSION,
     SERVICE,
     TOKEN_KEY,
+    Tls,
     WorkerClient,
     grpc,
     pack,
@@ -107,11 +109,12 @@ class _Deployment:
 class Worker:
     """The worker's state and its RPC methods (see runtime/wire.py for the messages)."""
 
-    def __init__(self, directory: str | Path, token: str, threads: int = 0):
+    def __init__(self, directory: str | Path, token: str, threads: int = 0, tls: Tls | None = None):
         self.directory = Path(directory).resolve()
         self.directory.mkdir(parents=True, exist_ok=True)
         self.token = token
         self.threads = threads
+        self.tls = tls
         self._deployment: _Deployment | None = None
         self._configure_lock = threading.Lock()
         self._collectors: dict[str, queue.Queue] = {}
@@ -285,7 +288,7 @@ class Worker:
                     if not hop:
                         raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
                                        f"configure: no address for the worker of stage {k + 1}")
-                    hops[k] = WorkerClient(hop["address"], self.token, hop["device"])
+                    hops[k] = WorkerClient(hop["address"], self.token, hop["device"], self.tls)
                     if check_hops:
                         self._check_hop(hops[k], config["deployment"], k + 1)
         except BaseException:
@@ -383,15 +386,19 @@ class Worker:
                 self._collectors.pop(run, None)
 
 
-def serve(listen: str, token: str, directory: str | Path, threads: int = 0,
+def serve(listen: str, token: str, directory: str | Path, threads: int = 0, tls: Tls | None = None,
           max_workers: int = 32) -> tuple[object, int]:
-    """Start a worker on `listen` (HOST:PORT; port 0 picks a free one): (server, port)."""
-    worker = Worker(directory, token, threads)
+    """Start a worker on `listen` (HOST:PORT; port 0 picks a free one): (server, port).
+
+    With `tls`, only mTLS clients with a certificate signed by the fleet's CA get in.
+    """
+    worker = Worker(directory, token, threads, tls)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
                          handlers=[worker.handler()],
                          options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)])
     try:
-        port = server.add_insecure_port(listen)
+        port = (server.add_secure_port(listen, tls.server_credentials()) if tls
+                else server.add_insecure_port(listen))
     except RuntimeError:
         raise RemoteError(f"cannot listen on {listen}: address in use or not on this host; "
                           f"pick another --listen HOST:PORT") from None

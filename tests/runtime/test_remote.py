@@ -6,6 +6,7 @@ whole module; tests that kill or stop a worker bring it back (same port, same --
 
 import dataclasses
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,6 +26,7 @@ from edgeplan.runtime.deploy import DEPLOYMENT_FILE, connect, deploy, read_deplo
 from edgeplan.runtime.manifest import read_manifest, write_manifest
 from edgeplan.runtime.wire import (
     SERVICE,
+    Tls,
     WorkerClient,
     grpc,
     pack,
@@ -41,8 +43,8 @@ START_TIMEOUT_S = 60
 class WorkerProcess:
     """One `edgeplan worker` subprocess; `start()` again reuses its port and directory."""
 
-    def __init__(self, directory: Path, token_file: Path, port: int = 0):
-        self.directory, self.token_file, self.port = directory, token_file, port
+    def __init__(self, directory: Path, token_file: Path, port: int = 0, extra: tuple[str, ...] = ()):
+        self.directory, self.token_file, self.port, self.extra = directory, token_file, port, extra
         self.process: subprocess.Popen | None = None
 
     @property
@@ -53,7 +55,7 @@ class WorkerProcess:
         log = open(self.directory.with_suffix(".log"), "a")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "edgeplan.cli", "worker", "--listen", f"127.0.0.1:{self.port}",
-             "--token-file", str(self.token_file), "--dir", str(self.directory), "--threads", "1"],
+             "--token-file", str(self.token_file), "--dir", str(self.directory), "--threads", "1", *self.extra],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
         log.close()
         return self
@@ -324,6 +326,55 @@ def test_redeploy_over_a_running_deployment_is_reported(compiled, fleet_file, to
             connect(compiled)
     finally:
         (tmp_path / "saved.json").rename(compiled / DEPLOYMENT_FILE)
+
+
+def make_ca(directory: Path, name: str) -> tuple[Path, Path]:
+    key, cert = directory / f"{name}.key", directory / f"{name}.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                    "-nodes", "-keyout", key, "-out", cert, "-days", "2", "-subj", f"/CN={name}"],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+def make_node_cert(directory: Path, ca: tuple[Path, Path], name: str) -> Tls:
+    """A certificate for 127.0.0.1 signed by `ca`, as mTLS files for a node."""
+    key, request, cert = directory / f"{name}.key", directory / f"{name}.csr", directory / f"{name}.pem"
+    extensions = directory / "san.cnf"
+    extensions.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    subprocess.run(["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-keyout", key, "-out", request, "-subj", f"/CN={name}"], check=True, capture_output=True)
+    subprocess.run(["openssl", "x509", "-req", "-in", request, "-CA", ca[0], "-CAkey", ca[1],
+                    "-CAcreateserial", "-out", cert, "-days", "2", "-extfile", extensions],
+                   check=True, capture_output=True)
+    return Tls(str(ca[0]), str(cert), str(key))
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make certificates")
+def test_mtls_workers_run_the_chain_and_refuse_strangers(compiled, token_file, tmp_path):
+    ca = make_ca(tmp_path, "fleet-ca")
+    node = make_node_cert(tmp_path, ca, "node")
+    # Trusts the fleet's CA but holds a certificate another CA signed: the worker must refuse it.
+    stranger = dataclasses.replace(make_node_cert(tmp_path, make_ca(tmp_path, "other-ca"), "stranger"), ca=node.ca)
+    tls_args = ("--tls-ca", node.ca, "--tls-cert", node.cert, "--tls-key", node.key)
+    procs = [WorkerProcess(tmp_path / name, token_file, extra=tls_args).start() for name in DEVICES]
+    try:
+        addresses = [proc.wait_ready().address for proc in procs]
+        fleet = tmp_path / "tls.toml"
+        fleet.write_text(FLEET.format(**{name: f'address = "{a}"' for name, a in zip(DEVICES, addresses)}))
+        out = tmp_path / "gpt"
+        shutil.copytree(compiled, out, ignore=shutil.ignore_patterns("deployment.json", "runs.jsonl"))
+        with pytest.raises(RemoteError, match=r"device 'dev-a' at .* is unreachable .*same --tls-\* setting"):
+            deploy(out, fleet, token_file)  # plaintext to a TLS worker
+        deploy(out, fleet, token_file, tls=node)
+        assert read_deployment(out).tls == node
+        inputs = batch(6, seed=3)
+        with connect(out) as remote:  # the TLS files come from deployment.json
+            assert_bitwise_equal(remote.run(inputs), local_outputs(out, inputs))
+        with pytest.raises(RemoteError, match=r"device 'dev-b' at .* is unreachable"):
+            WorkerClient(addresses[1], token_file.read_text().strip(), "dev-b", stranger).health()
+    finally:
+        for proc in procs:
+            proc.stop()
 
 
 def test_framing_round_trips_and_rejects_truncation():
