@@ -191,7 +191,12 @@ def read_deployment(directory: str | Path) -> Deployment:
 
 
 class RemotePipeline:
-    """A deployed model: `run(inputs) -> outputs`, like the local Pipeline, through the workers."""
+    """A deployed model: `run(inputs) -> outputs`, like the local Pipeline, through the workers.
+
+    token_file / tls: default to what `deploy` recorded; timeout_s: deadline of one
+    microbatch through the whole chain; window: microbatches in flight (default 2 x stages);
+    retry_for_s: how long a microbatch whose call failed transiently is retried.
+    """
 
     def __init__(self, directory: str | Path, token_file: str | Path | None = None,
                  timeout_s: float = 30.0, window: int | None = None, retry_for_s: float = 10.0,

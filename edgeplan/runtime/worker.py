@@ -42,7 +42,7 @@ import shutil
 import threading
 import time
 from concurrent import futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import edgeplan
@@ -93,13 +93,12 @@ def _hop_budget(context) -> float:
 
 @dataclass
 class _Deployment:
-    id: str
-    directory: Path
+    id: str  # the manifest's sha256
     manifest: Manifest
     device: str
     steps: dict[int, StageStep]
     hops: dict[int, WorkerClient]  # stage k -> the worker of stage k + 1 (when not here)
-    locks: dict[int, threading.Lock] = field(default_factory=dict)
+    locks: dict[int, threading.Lock]  # one microbatch at a time per stage
 
     @property
     def last_stage(self) -> int:
@@ -295,7 +294,7 @@ class Worker:
             for client in hops.values():
                 client.close()
             raise
-        return _Deployment(config["deployment"], folder, manifest, config["device"], steps, hops,
+        return _Deployment(config["deployment"], manifest, config["device"], steps, hops,
                            {k: threading.Lock() for k in steps})
 
     @staticmethod
