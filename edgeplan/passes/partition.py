@@ -8,7 +8,8 @@ The CP-SAT model (OR-Tools) assigns U units to at most S ordered stage positions
 by one slot; the solver also picks the device order. Constraints as in the write-up:
   (a) each unit in exactly one stage;
   (b) stages are contiguous in unit order (a unit's stage index grows by 0 or 1);
-  (c) memory: a stage's weights plus its largest live activation fit its device;
+  (c) memory: a stage's weights plus its largest live activation fit its device (a weight
+      read by several units of the stage counted once);
   (d) at most one stage per device; stages are a prefix of positions, none empty.
 Objective "bottleneck" (default) minimizes the slowest stage compute or boundary transfer,
 the steady-state time per microbatch of a pipeline; "latency" minimizes the sum (one
@@ -173,8 +174,7 @@ def solve_dp(tables: CostTables, device_order: Sequence[int], objective: str = "
     combine = np.maximum if objective == "bottleneck" else np.add
 
     prefix_compute = np.vstack([np.zeros(len(tables.slots)), np.cumsum(tables.compute_s, axis=0)])
-    prefix_memory = np.concatenate([[0], np.cumsum(tables.memory_sum_bytes)])
-    memory_need = (prefix_memory[None, :] - prefix_memory[:, None]) + _range_max(tables.memory_max_bytes)
+    memory_need = tables.range_weight_bytes() + _range_max(tables.memory_max_bytes)
     lower = np.tril(np.ones((unit_count + 1, unit_count + 1), dtype=bool))  # i' >= i: no stage
 
     stage_cost, stage_slot = [], []  # per order position: [i', i] -> seconds / best slot
@@ -312,7 +312,11 @@ def solve_cpsat(tables: CostTables, objective: str = "bottleneck", *, time_limit
     encode_int = np.rint(tables.codec_encode_s * scale).astype(np.int64)
     decode_int = np.rint(tables.codec_decode_s * scale).astype(np.int64)
     codecs = [np.flatnonzero(tables.codec_allowed[u]) for u in range(unit_count - 1)]
-    memory_sum = -(-tables.memory_sum_bytes // MEMORY_QUANTUM)
+    # A shared weight leaves each unit's sum and is added once per stage that reads it.
+    shared_units = tables.shared_weight_units
+    own_bytes = tables.memory_sum_bytes - tables.shared_weight_bytes @ shared_units.astype(np.int64)
+    memory_sum = -(-own_bytes // MEMORY_QUANTUM)
+    shared_sum = -(-tables.shared_weight_bytes // MEMORY_QUANTUM)
     memory_max = -(-tables.memory_max_bytes // MEMORY_QUANTUM)
     budget = tables.device_memory_bytes // MEMORY_QUANTUM
     horizon = int(compute_int.sum(axis=0).max() + np.ceil(worst_boundary * scale) * 2 + 1)
@@ -349,13 +353,19 @@ def solve_cpsat(tables: CostTables, objective: str = "bottleneck", *, time_limit
         model.Add(sum(on_device[s][d] for s in range(stage_count)) == used[d])
     position = [sum(s * on_device[s][d] for s in range(stage_count)) for d in range(device_count)]
 
-    # (c) memory: weights add up, activations take the stage's largest.
+    # (c) memory: weights add up, a shared weight once per stage that reads it (held[w] is
+    # 1 if any unit of the stage reads w), activations take the stage's largest.
     for s in range(stage_count):
         peak = model.NewIntVar(0, int(memory_max.max(initial=0)), f"peak_s{s}")
         for u in range(unit_count):
             if memory_max[u]:
                 model.Add(peak >= int(memory_max[u])).OnlyEnforceIf(in_stage[u][s])
         weights = sum(int(memory_sum[u]) * in_stage[u][s] for u in range(unit_count))
+        for w, readers in enumerate(shared_units):
+            held = model.NewBoolVar(f"held_w{w}_s{s}")
+            for u in np.flatnonzero(readers):
+                model.AddImplication(in_stage[u][s], held)
+            weights += int(shared_sum[w]) * held
         for k in range(slot_count):
             model.Add(weights + peak <= int(budget[tables.slot_device[k]])).OnlyEnforceIf(runs_on[s][k])
 
@@ -383,7 +393,8 @@ def solve_cpsat(tables: CostTables, objective: str = "bottleneck", *, time_limit
             model.Add(compute[s] >= sum(int(compute_int[u, k]) * in_stage[u][s] for u in range(unit_count))
                       + sum(codec_work)).OnlyEnforceIf(runs_on[s][k])
     # Redundant slot view: unit u runs on slot k. Its load and memory constraints need no
-    # enforcement literal, which gives the LP relaxation a far better bound.
+    # enforcement literal, which gives the LP relaxation a far better bound. (The memory
+    # one leaves shared weights out: it must stay implied by (c).)
     on_slot = [[model.NewBoolVar(f"x_u{u}_k{k}") for k in range(slot_count)] for u in range(unit_count)]
     for u in range(unit_count):
         model.AddExactlyOne(on_slot[u])
@@ -587,7 +598,7 @@ def diagnose_infeasible(tables: CostTables, num_stages: int | None = None) -> st
         if end == unit_count:
             need = tables.stage_memory(start, end) if end > start else 0
             short = need - budget
-            total = int(tables.memory_sum_bytes.sum() + tables.memory_max_bytes.max())
+            total = tables.stage_memory(0, unit_count)
             fleet_total = int(tables.device_memory_bytes[order].sum())
             overall = (f"at least {_size(total - fleet_total)} short overall"
                        if total > fleet_total else "enough overall, but not in contiguous stages")

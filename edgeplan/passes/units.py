@@ -22,7 +22,15 @@ import torch
 import torch.fx
 
 from edgeplan.errors import CaptureError
-from edgeplan.passes.records import COST_KEY, TENSOR_KEY, UNIT_KEY, OpCost, OpMix, TensorSpec
+from edgeplan.passes.capture import fetch_attr
+from edgeplan.passes.records import (
+    COST_KEY,
+    TENSOR_KEY,
+    UNIT_KEY,
+    OpCost,
+    OpMix,
+    TensorSpec,
+)
 
 GRANULARITIES = ("block", "layer")
 HEAVY_KINDS = frozenset({"matmul", "conv", "attention"})
@@ -33,8 +41,11 @@ _INDEX = re.compile(r"^\d+$")
 class Unit:
     """One partition unit: a contiguous run of FX nodes and its static costs.
 
-    param_bytes counts each distinct weight tensor the unit reads (a weight tied across
-    units is counted in each: conservative when both land on one device).
+    param_bytes counts each distinct weight tensor the unit reads; a weight read by several
+    units (tied embeddings, layers merged across models) is counted in each of them here.
+    param_names name every distinct tensor once across the graph (the first get_attr
+    target that reaches it) and param_sizes are their bytes, so the cost model can count
+    a weight shared by units on one device once (`planner.cost.shared_weights`).
     peak_activation_bytes is the most activation memory live at any node of the unit,
     including tensors held for later units. cut_tensors / cut_bytes describe the cut
     after this unit (empty for the last unit). op_mix sums the unit's nodes per op kind
@@ -54,6 +65,7 @@ class Unit:
     cut_tensors: tuple[TensorSpec, ...]
     cut_bytes: int
     op_mix: tuple[OpMix, ...] = ()
+    param_sizes: tuple[int, ...] = ()
 
 
 def _module_path(node: torch.fx.Node) -> str:
@@ -147,13 +159,14 @@ def group_units(gm: torch.fx.GraphModule, granularity: str = "block") -> tuple[U
         node.meta[UNIT_KEY] = index
 
     live_bytes = _live_bytes_by_position(nodes, position)
+    canonical = _canonical_weight_names(gm, nodes)
     seen: dict[str, int] = {}
     units = []
     for index, run in enumerate(runs):
         last_position = position[run[-1]]
         first_position = position[run[0]]
         costs: list[OpCost] = [n.meta[COST_KEY] for n in run]
-        params = _unit_params(gm, run)
+        params = _unit_params(run, canonical)
         crossing = (_crossing(nodes, position, last_position)
                     if index < len(runs) - 1 else ())
         units.append(Unit(
@@ -165,6 +178,7 @@ def group_units(gm: torch.fx.GraphModule, granularity: str = "block") -> tuple[U
             op_count=sum(1 for c in costs if c.kind != "view"),
             param_bytes=sum(nbytes for _name, nbytes in params),
             param_names=tuple(name for name, _ in params),
+            param_sizes=tuple(nbytes for _, nbytes in params),
             activation_bytes=sum(c.output_bytes for c in costs),
             peak_activation_bytes=int(max(live_bytes[first_position:last_position + 1])),
             cut_tensors=crossing,
@@ -194,28 +208,38 @@ def _heaviest(run: list[torch.fx.Node]) -> torch.fx.Node:
     return run[0]
 
 
-def _unit_params(gm: torch.fx.GraphModule, run: list[torch.fx.Node]) -> list[tuple[str, int]]:
-    seen_tensors: set[int] = set()
+def _canonical_weight_names(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> dict[str, str]:
+    """get_attr target -> the first target (graph order) that holds the same tensor object.
+
+    torch.export keeps one get_attr target per module path, so a module shared by two
+    models (or a tied weight) is reached under several names; the tensor is one.
+    """
+    first_of_tensor: dict[int, str] = {}
+    canonical = {}
+    for node in nodes:
+        if node.op != "get_attr" or node.target in canonical:
+            continue
+        identity = id(fetch_attr(gm, node.target))
+        canonical[node.target] = first_of_tensor.setdefault(identity, node.target)
+    return canonical
+
+
+def _unit_params(run: list[torch.fx.Node], canonical: dict[str, str]) -> list[tuple[str, int]]:
+    seen: set[str] = set()
     params = []
     for node in run:
         for arg in node.all_input_nodes:
-            if arg.op != "get_attr":
+            if arg.op != "get_attr" or canonical[arg.target] in seen:
                 continue
-            tensor = gm.get_parameter(arg.target) if _is_parameter(gm, arg.target) else None
-            identity = id(tensor) if tensor is not None else hash(arg.target)
-            if identity in seen_tensors:
-                continue
-            seen_tensors.add(identity)
-            params.append((arg.target, arg.meta[COST_KEY].param_bytes))
+            seen.add(canonical[arg.target])
+            params.append((canonical[arg.target], arg.meta[COST_KEY].param_bytes))
     return params
 
 
-def _is_parameter(gm: torch.fx.GraphModule, target: str) -> bool:
-    try:
-        gm.get_parameter(target)
-    except AttributeError:
-        return False
-    return True
+def union_param_bytes(units) -> int:
+    """Bytes of the distinct weights a group of units reads (a shared weight counts once)."""
+    sizes = {name: nbytes for unit in units for name, nbytes in zip(unit.param_names, unit.param_sizes)}
+    return sum(sizes.values())
 
 
 def _crossing(nodes: list[torch.fx.Node], position: dict, cut_after: int) -> tuple[TensorSpec, ...]:

@@ -13,6 +13,12 @@ Inference: sum = weights, max = peak live activations.
 Training: sum = weights x 4 (weights, gradients, two Adam moments) + saved activations x
 in-flight microbatches; max = peak live activations.
 
+A weight read by several units (tied embeddings, a layer merged across models) is in the
+sum of each of them; a device holds it once. `shared_weights` lists such weights
+(bytes, as the sum counts them, and the units that read them), and a stage subtracts
+what its range counts more than once:
+    stage memory = sum - sum_w bytes_w * max(0, units of the stage reading w - 1) + max
+
 Torch-free: units are read through their plain attributes.
 """
 
@@ -65,6 +71,10 @@ class CostTables:
     Learned cost models (planner.predictor) mark what they could not predict:
     guessed[U, K]           compute_s[u, k] is a roofline guess, not learned from
                             measurements (None: the model says for itself, e.g. roofline)
+
+    Weights read by more than one unit (counted once per stage, see module docstring):
+    shared_weight_bytes[W]     bytes of weight w in memory_sum_bytes of each unit reading it
+    shared_weight_units[W, U]  unit u reads weight w
     """
 
     unit_names: tuple[str, ...]
@@ -85,9 +95,15 @@ class CostTables:
     codec_encode_s: np.ndarray | None = None
     codec_decode_s: np.ndarray | None = None
     codec_allowed: np.ndarray | None = None
+    shared_weight_bytes: np.ndarray | None = None
+    shared_weight_units: np.ndarray | None = None
     guessed: np.ndarray | None = None
 
     def __post_init__(self):
+        if self.shared_weight_bytes is None:
+            object.__setattr__(self, "shared_weight_bytes", np.zeros(0, dtype=np.int64))
+            object.__setattr__(self, "shared_weight_units",
+                               np.zeros((0, len(self.unit_names)), dtype=bool))
         # Without measured codecs every cut is sent raw: one column, no codec time.
         cuts = len(self.cut_bytes)
         if self.codec_wire_bytes is None:
@@ -123,8 +139,23 @@ class CostTables:
                      + nbytes / self.link_bandwidth[device_a, device_b])
 
     def stage_memory(self, start: int, end: int) -> int:
-        """Bytes a stage holding units [start, end) needs."""
-        return int(self.memory_sum_bytes[start:end].sum() + self.memory_max_bytes[start:end].max())
+        """Bytes a stage holding units [start, end) needs (a shared weight counted once)."""
+        return int(self.memory_sum_bytes[start:end].sum() - self.overcount_bytes(start, end)
+                   + self.memory_max_bytes[start:end].max())
+
+    def overcount_bytes(self, start: int, end: int) -> int:
+        """Bytes memory_sum_bytes[start:end] counts more than once (shared weights)."""
+        readers = self.shared_weight_units[:, start:end].sum(axis=1)
+        return int((self.shared_weight_bytes * np.maximum(readers - 1, 0)).sum())
+
+    def range_weight_bytes(self) -> np.ndarray:
+        """table[i, j] = memory_sum of units [i, j) with shared weights counted once (i < j)."""
+        prefix = np.concatenate([[0], np.cumsum(self.memory_sum_bytes)])
+        table = prefix[None, :] - prefix[:, None]
+        for nbytes, readers in zip(self.shared_weight_bytes, self.shared_weight_units):
+            count = np.concatenate([[0], np.cumsum(readers)])
+            table -= nbytes * np.maximum(count[None, :] - count[:, None] - 1, 0)
+        return table
 
     def to_dict(self) -> dict:
         out = {}
@@ -159,12 +190,15 @@ class CostTables:
             model=data.get("model", "roofline"),
             guessed_units=tuple(data.get("guessed_units", ())),
             codec_names=tuple(data.get("codec_names", ("raw",))),
-            guessed=None if data.get("guessed") is None else np.asarray(
-                data["guessed"], dtype=bool).reshape(len(data["unit_names"]), len(data["slots"])),
             **{name: None if data.get(name) is None else np.asarray(data[name], dtype=kind).reshape(
                    len(data["cut_bytes"]), len(data.get("codec_names", ("raw",))))
                for name, kind in (("codec_wire_bytes", np.int64), ("codec_encode_s", float),
                                   ("codec_decode_s", float), ("codec_allowed", bool))},
+            shared_weight_bytes=np.asarray(data.get("shared_weight_bytes", []), dtype=np.int64),
+            shared_weight_units=np.asarray(data.get("shared_weight_units", []), dtype=bool).reshape(
+                -1, len(data["unit_names"])),
+            guessed=None if data.get("guessed") is None else np.asarray(
+                data["guessed"], dtype=bool).reshape(len(data["unit_names"]), len(data["slots"])),
         )
 
 
@@ -208,6 +242,26 @@ def unit_memory(units: Sequence[UnitLike], mode: str, in_flight_microbatches: in
     return weights * TRAINING_BYTES_PER_WEIGHT_BYTE + saved * in_flight_microbatches, peak
 
 
+def shared_weights(units: Sequence[UnitLike], mode: str) -> dict[str, np.ndarray]:
+    """The shared_weight_* arrays of CostTables: weights (by name) that more than one unit reads.
+
+    Bytes are as the units' memory_sum counts them: x4 in training (gradient, Adam moments).
+    """
+    readers: dict[str, list[int]] = {}
+    sizes: dict[str, int] = {}
+    for index, unit in enumerate(units):
+        for name, nbytes in zip(getattr(unit, "param_names", ()), getattr(unit, "param_sizes", ())):
+            readers.setdefault(name, []).append(index)
+            sizes[name] = nbytes
+    shared = [name for name, read_by in readers.items() if len(read_by) > 1]
+    scale = TRAINING_BYTES_PER_WEIGHT_BYTE if mode == "training" else 1
+    matrix = np.zeros((len(shared), len(units)), dtype=bool)
+    for row, name in enumerate(shared):
+        matrix[row, readers[name]] = True
+    return dict(shared_weight_bytes=np.array([sizes[n] * scale for n in shared], dtype=np.int64),
+                shared_weight_units=matrix)
+
+
 @dataclass(frozen=True)
 class RooflineCostModel:
     """Roofline latency per unit and backend, plus a fixed overhead per operator."""
@@ -234,4 +288,5 @@ class RooflineCostModel:
             cut_bytes=np.array([u.cut_bytes for u in units[:-1]], dtype=np.int64),
             model="roofline",
             **arrays,
+            **shared_weights(units, mode),
         )
