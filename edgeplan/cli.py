@@ -77,11 +77,13 @@ def cmd_compile(args) -> int:
 
     factory = load_factory(args.model)
     built = factory()
-    if not (isinstance(built, tuple) and len(built) == 2):
-        raise EdgeplanError(f"model {args.model!r}: the factory must return (model, example_inputs)")
-    model, example_inputs = built
+    is_workload = isinstance(built, dict)  # {name: (model, example_inputs)}: several models
+    if not (is_workload or (isinstance(built, tuple) and len(built) == 2)):
+        raise EdgeplanError(f"model {args.model!r}: the factory must return (model, example_inputs) "
+                            f"or a workload {{name: (model, example_inputs)}}")
+    model, example_inputs = (built, None) if is_workload else built
     out_dir = Path(args.output)
-    options = {}
+    options = {"merge": args.merge} if is_workload else {}
     if args.cost_model == "learned" or args.replan:
         from edgeplan.planner.predictor import learned_cost_model
 
@@ -323,6 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     compile_parser.add_argument("--min-agreement", type=float, default=None,
                                 help="with --max-error: also require this argmax agreement (e.g. 0.995)")
     compile_parser.add_argument("--plan-only", action="store_true", help="write plan.json only (works on meta models)")
+    compile_parser.add_argument("--merge", choices=["identical", "none"], default="identical",
+                                help="workloads (a factory returning {name: (model, inputs)}): share "
+                                     "layers with equal architecture and weights across models "
+                                     "(identical, lossless; default) or keep the models as given")
     compile_parser.add_argument("--cost-model", choices=["roofline", "learned"], default="roofline",
                                 help="learned: latency predictor trained on --store, roofline where "
                                      "it has no data (the plan lists those units)")

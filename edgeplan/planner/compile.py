@@ -1,7 +1,8 @@
 """The compile driver: a flat pipeline of passes from a PyTorch model to a plan and artifacts.
 
-    capture -> annotate -> units -> costs -> compression (measure codecs per cut) ->
-    partition (cut and codec together, or a given plan) -> place heads -> plan -> emit
+    capture -> dedup (workloads) -> annotate -> units -> costs -> compression (measure
+    codecs per cut) -> partition (cut and codec together, or a given plan) -> place heads ->
+    plan -> workload memory (workloads) -> emit
 
 Each step takes the `Compilation` state and returns a new one. Passes that are off or not
 built yet (compression without --max-error, head placement) are no-op entries, so adding one changes a
@@ -23,6 +24,7 @@ from edgeplan.errors import ArtifactError, PlanError
 from edgeplan.passes.annotate import annotate
 from edgeplan.passes.capture import bind_inputs, capture, numpy_dtype_name, signature_of
 from edgeplan.passes.compress import CutMeasurements, measure_cuts, offer_codecs
+from edgeplan.passes.dedup import dedup
 from edgeplan.passes.partition import (
     PartitionResult,
     StageAssignment,
@@ -32,7 +34,7 @@ from edgeplan.passes.partition import (
 )
 from edgeplan.passes.records import ModelSignature
 from edgeplan.passes.split import run_stages, split_stages
-from edgeplan.passes.units import Unit, group_units
+from edgeplan.passes.units import Unit, group_units, union_param_bytes
 from edgeplan.planner.cost import CostModel, CostTables, RooflineCostModel
 from edgeplan.planner.fleet import Fleet, load_fleet
 from edgeplan.planner.plan import (
@@ -44,6 +46,7 @@ from edgeplan.planner.plan import (
     UnitInfo,
 )
 from edgeplan.planner.profile import unit_features
+from edgeplan.planner.workload import WorkloadLayout, workload_memory
 from edgeplan.runtime.manifest import (
     MANIFEST_FILE,
     LinkEntry,
@@ -74,6 +77,7 @@ class CompileOptions:
     max_error: float | None = None
     min_agreement: float | None = None
     calibration_inputs: tuple | None = None
+    workload: WorkloadLayout | None = None  # set by planner.workload.compile_workload
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,14 @@ class Compilation:
 
 def capture_pass(c: Compilation) -> Compilation:
     return dataclasses.replace(c, graph=capture(c.model, c.example_inputs, c.options.name))
+
+
+def dedup_pass(c: Compilation) -> Compilation:
+    """Workloads: one graph value per shared weight, shared prefixes computed once (off otherwise)."""
+    if c.options.workload is None:
+        return c
+    graph, _weights, _calls = dedup(c.graph)
+    return dataclasses.replace(c, graph=graph)
 
 
 def annotate_pass(c: Compilation) -> Compilation:
@@ -193,7 +205,7 @@ def plan_pass(c: Compilation) -> Compilation:
             index=i, device=device, backend=backend,
             unit_start=assignment.start, unit_end=assignment.end,
             units=tuple(u.name for u in units[assignment.start:assignment.end]),
-            param_bytes=int(sum(u.param_bytes for u in units[assignment.start:assignment.end])),
+            param_bytes=union_param_bytes(units[assignment.start:assignment.end]),
             memory_bytes=costs.memory_bytes[i],
             memory_budget_bytes=int(tables.device_memory_bytes[tables.slot_device[assignment.slot]]),
             compute_s=costs.compute_s[i],
@@ -221,6 +233,14 @@ def plan_pass(c: Compilation) -> Compilation:
         max_error=c.options.max_error,
     )
     return dataclasses.replace(c, plan=plan)
+
+
+def workload_pass(c: Compilation) -> Compilation:
+    """Workloads: per-model and shared parameter bytes into the plan (off otherwise)."""
+    if c.options.workload is None:
+        return c
+    info = workload_memory(c.graph, c.options.workload)
+    return dataclasses.replace(c, plan=dataclasses.replace(c.plan, workload=info))
 
 
 def emit_pass(c: Compilation) -> Compilation:
@@ -310,6 +330,7 @@ def _entry(name: str, value: torch.Tensor) -> TensorEntry:
 
 PASSES: tuple[Callable[[Compilation], Compilation], ...] = (
     capture_pass,
+    dedup_pass,
     annotate_pass,
     units_pass,
     cost_pass,
@@ -317,6 +338,7 @@ PASSES: tuple[Callable[[Compilation], Compilation], ...] = (
     partition_pass,
     place_heads_pass,
     plan_pass,
+    workload_pass,
     emit_pass,
 )
 

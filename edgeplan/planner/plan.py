@@ -87,6 +87,29 @@ class SolverReport:
 
 
 @dataclass(frozen=True)
+class ModelMemory:
+    """One model of a multi-model workload: its graph inputs and outputs, the bytes of the
+    weights it reads, and how many of those other models read too (shared)."""
+
+    name: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    param_bytes: int
+    shared_bytes: int
+
+
+@dataclass(frozen=True)
+class WorkloadInfo:
+    """The models planned together; param_bytes counts every distinct weight once,
+    unmerged_param_bytes is what the models would hold each on their own."""
+
+    models: tuple[ModelMemory, ...]
+    param_bytes: int
+    unmerged_param_bytes: int
+    shared_weights: int
+
+
+@dataclass(frozen=True)
 class Plan:
     model: str
     mode: str
@@ -102,6 +125,7 @@ class Plan:
     latency_s: float = 0.0
     max_error: float | None = None
     schema_version: int = SCHEMA_VERSION
+    workload: WorkloadInfo | None = None
 
     @property
     def throughput_per_s(self) -> float:
@@ -150,6 +174,7 @@ class Plan:
                 latency_s=float(data.get("latency_s", 0.0)),
                 max_error=data.get("max_error"),
                 schema_version=version,
+                workload=_workload(data.get("workload")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise PlanError(
@@ -182,6 +207,14 @@ def _plain(value):
 
 def _tensor(data: dict) -> TensorSpec:
     return TensorSpec(data["name"], tuple(data["shape"]), data["dtype"])
+
+
+def _workload(data: dict | None) -> WorkloadInfo | None:
+    if data is None:
+        return None
+    models = tuple(ModelMemory(**{**m, "inputs": tuple(m["inputs"]), "outputs": tuple(m["outputs"])})
+                   for m in data["models"])
+    return WorkloadInfo(**{**data, "models": models})
 
 
 def _stage(data: dict) -> Stage:

@@ -89,4 +89,22 @@ def format_plan(plan: Plan, manifest=None, run: dict | None = None) -> str:
                      f"measured on the compiling host, included in the stage times)")
     if plan.costs.guessed_units:
         lines.append(f"guessed (no measurements): {', '.join(plan.costs.guessed_units)}")
+    if plan.workload is not None:
+        lines += ["", *format_workload(plan.workload)]
     return "\n".join(lines)
+
+
+def format_workload(workload) -> list[str]:
+    """Per-model parameter memory of a multi-model plan: own and shared with other models."""
+    rows = [[m.name, ", ".join(m.inputs), ", ".join(m.outputs), f"{m.param_bytes / MB:.3f}",
+             f"{m.shared_bytes / MB:.3f}", f"{(m.param_bytes - m.shared_bytes) / MB:.3f}"]
+            for m in workload.models]
+    saved = 1 - workload.param_bytes / workload.unmerged_param_bytes if workload.unmerged_param_bytes else 0.0
+    return [
+        *_table(["model", "inputs", "outputs", "params MB", "shared MB", "own MB"], rows),
+        "",
+        f"models hold {workload.unmerged_param_bytes / MB:.3f} MB of weights on their own, "
+        f"{workload.param_bytes / MB:.3f} MB distinct ({saved:.1%} less): {workload.shared_weights} "
+        f"weight tensor(s) shared across models, stored once per device that runs them "
+        f"(stage params and memory above count them once)",
+    ]
