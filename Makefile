@@ -25,6 +25,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/partition.py
 	$(BIN)/python bench/compress.py
 	$(BIN)/python bench/remote.py
+	$(BIN)/python bench/predictor.py
 	$(BIN)/python -m pytest -q -m slow
 
 clean:
