@@ -37,13 +37,16 @@ BATCH = 64
 TEST_FRACTION = 0.2
 
 
+HIDDEN = (512, 256)
+
+
 class DigitsCNN(nn.Module):
-    """conv 1->8->16 (pool) ->32 (pool), then 128 -> 512 -> 256 -> classes.
+    """conv 1->8->16 (pool) ->32 (pool), then 128 -> hidden[0] -> hidden[1] -> classes.
 
-    Small convolutions keep training fast; the wide fully connected layers hold most of
-    the weights, as in the vision models GEMEL merges."""
+    Small convolutions keep training fast; the fully connected layers hold most of the
+    weights, as in the vision models GEMEL merges."""
 
-    def __init__(self, num_classes: int):
+    def __init__(self, num_classes: int, hidden: tuple[int, int] = HIDDEN):
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
@@ -51,9 +54,9 @@ class DigitsCNN(nn.Module):
             nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         )
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(128, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(),
+            nn.Flatten(), nn.Linear(128, hidden[0]), nn.ReLU(), nn.Linear(hidden[0], hidden[1]), nn.ReLU(),
         )
-        self.head = nn.Linear(256, num_classes)
+        self.head = nn.Linear(hidden[1], num_classes)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.head(self.classifier(self.features(pixels)))
@@ -143,21 +146,22 @@ def _train(model: nn.Module, batches: Batches, epochs: int, lr: float = 2e-3) ->
     return model.eval()
 
 
-def train_models(data: DigitsData | None = None, epochs: int = 12, seed: int = 0) -> dict[str, DigitsCNN]:
+def train_models(data: DigitsData | None = None, epochs: int = 12, seed: int = 0,
+                 hidden: tuple[int, int] = HIDDEN) -> dict[str, DigitsCNN]:
     """The four unmerged models, trained deterministically (see module docstring)."""
     data = data or load_data(seed)
     with one_thread():
-        return _train_all(data, epochs, seed)
+        return _train_all(data, epochs, seed, hidden)
 
 
-def _train_all(data: DigitsData, epochs: int, seed: int) -> dict[str, DigitsCNN]:
+def _train_all(data: DigitsData, epochs: int, seed: int, hidden: tuple[int, int]) -> dict[str, DigitsCNN]:
     torch.manual_seed(seed)
-    digit = _train(DigitsCNN(10), Batches(*data.task("digit", "train"), seed=seed), epochs)
+    digit = _train(DigitsCNN(10, hidden), Batches(*data.task("digit", "train"), seed=seed), epochs)
     models = {"digit": digit}
     backbone = {k: v for k, v in digit.state_dict().items() if not k.startswith("head.")}
     for offset, name in enumerate(("parity", "high", "rotated"), start=1):
         torch.manual_seed(seed + offset)
-        model = DigitsCNN(TASKS[name][0])
+        model = DigitsCNN(TASKS[name][0], hidden)
         model.load_state_dict(backbone, strict=False)
         frozen = name != "rotated"
         model.features.requires_grad_(not frozen)
