@@ -31,3 +31,8 @@ class StageError(EdgeplanError):
 class RemoteError(EdgeplanError):
     """A worker on the network refused a call, failed, hung or could not be reached; the
     message names the device and its address."""
+
+
+class MergeError(EdgeplanError):
+    """Models of a workload cannot be merged as asked (a loader or metric missing or failing,
+    a budget out of range); the message names the model."""

@@ -34,15 +34,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from edgeplan.errors import EdgeplanError
+from edgeplan.errors import MergeError
 
 PLAIN_TYPES = (int, float, bool, str, type(None))
 
 Progress = Callable[[int, int, str], None]
-
-
-class MergeError(EdgeplanError):
-    """A workload cannot be merged as asked (missing loaders or metrics, bad budget)."""
 
 
 @dataclass(frozen=True)
@@ -284,17 +280,37 @@ def _fine_tune(models: Mapping[str, torch.nn.Module], loaders: Mapping[str, Iter
     for _epoch in range(epochs):
         for batches in zip(*(loaders[name] for name in models)):
             optimizer.zero_grad()
-            loss = sum(loss_fns[name](_call(model, inputs), targets)
-                       for (name, model), (inputs, targets) in zip(models.items(), batches))
+            loss = sum(_loss(name, model, batch, loss_fns[name])
+                       for (name, model), batch in zip(models.items(), batches))
             loss.backward()
             optimizer.step()
     for model in models.values():
         model.eval()
 
 
+def _loss(name: str, model: torch.nn.Module, batch, loss_fn: Callable) -> torch.Tensor:
+    try:
+        inputs, targets = batch
+        return loss_fn(_call(model, inputs), targets)
+    except Exception as exc:  # the user's loader, model or loss: name the model once
+        raise MergeError(
+            f"merge: model {name!r} failed on a batch of train_loaders[{name!r}] "
+            f"({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); a loader "
+            f"must yield (inputs, targets) with inputs as the model takes them") from exc
+
+
 def _measure(models: Mapping[str, torch.nn.Module], metrics: Mapping[str, Callable]) -> dict[str, float]:
+    scores = {}
     with torch.no_grad():
-        return {name: float(metrics[name](model.eval())) for name, model in models.items()}
+        for name, model in models.items():
+            try:
+                scores[name] = float(metrics[name](model.eval()))
+            except Exception as exc:  # the user's metric: name the model once
+                raise MergeError(
+                    f"merge: metrics[{name!r}] failed ({exc.__class__.__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else ''}); a metric takes the model and "
+                    f"returns a number, higher is better") from exc
+    return scores
 
 
 def merge_models(workload: Mapping, train_loaders: Mapping[str, Iterable],

@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
+from edgeplan.errors import MergeError
 from edgeplan.passes.merge import (
     LayerRef,
-    MergeError,
     distinct_param_bytes,
     find_shareable_layers,
     merge_models,
@@ -200,3 +200,9 @@ def test_merge_keeps_exact_shares_first_and_checks_its_inputs():
         merge_models(workload, loaders, {"a": metrics["a"]})
     with pytest.raises(MergeError, match="budget 1.5"):
         merge_models(workload, loaders, metrics, budget=1.5)
+    with pytest.raises(MergeError, match=r"metrics\['b'\] failed \(ZeroDivisionError"):
+        merge_models(workload, loaders, {**metrics, "b": lambda model: 1 / 0})
+    different = {"a": (same, (torch.zeros(1, 2),)), "b": (_trained_head(1, "up", loaders["b"]), (torch.zeros(1, 2),))}
+    bad_loaders = {**loaders, "b": [(torch.zeros(4, 3), torch.zeros(4, dtype=torch.long))]}
+    with pytest.raises(MergeError, match=r"model 'b' failed on a batch of train_loaders\['b'\] \(RuntimeError"):
+        merge_models(different, bad_loaders, metrics)
