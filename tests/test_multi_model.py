@@ -106,6 +106,33 @@ def test_dedup_computes_a_shared_prefix_once_and_reads_a_shared_weight_once():
         assert torch.equal(tensor, expected[name])
 
 
+class InPlace(nn.Module):
+    """Shares conv with another model; relu_ and add_ change values in place after it."""
+
+    def __init__(self, conv: nn.Conv2d, offset: float):
+        super().__init__()
+        self.conv, self.relu, self.offset = conv, nn.ReLU(inplace=True), offset
+
+    def forward(self, pixels):
+        y = self.relu(self.conv(pixels))
+        y.view(-1).add_(self.offset)  # through a view: the base changes too
+        return y * 2
+
+
+def test_dedup_never_merges_values_changed_in_place():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(1, 2, 3)
+    pixels = torch.randn(2, 1, 6, 6)
+    workload = {"a": (InPlace(conv, 1.0), {"pixels": pixels}), "b": (InPlace(conv, 2.0), {"pixels": pixels})}
+    module, example, _layout = combine_workload(workload)
+    gm, _weights, _calls = dedup(capture(module, example))
+    assert _conv_count(gm) == 2  # each conv output is changed in place: not one value
+    with torch.no_grad():
+        produced = gm(*example.values())
+        for tensor, (model, inputs) in zip(produced, workload.values()):
+            assert torch.equal(tensor, model(**inputs))
+
+
 def test_lossless_merge_gives_bitwise_identical_outputs_and_stores_a_shared_weight_once(tmp_path):
     workload = tiny_workload()
     plans, outputs, stored = {}, {}, {}

@@ -10,8 +10,11 @@ Rewrites the graph in place, before annotate. Needs a captured graph (`passes.ca
    the same arguments as an earlier one is replaced by it. Where models take the same
    input and share their first layers, the shared prefix is thus computed once and the
    graph has one trunk with several heads. Operators with side effects, mutable
-   arguments or random results are never merged. The replacement is the same operator
-   applied to the same values, so outputs stay bitwise identical. Two model outputs that
+   arguments or random results are never merged, nor is a call that reads or produces a
+   value some in-place operator changes (directly or through a view: exported graphs
+   keep e.g. `relu_` of `ReLU(inplace=True)`), since equal arguments need not mean equal
+   values then. The replacement is the same operator applied to the same values, so
+   outputs stay bitwise identical. Two model outputs that
    become one node both keep their names (`ModelSignature.output_nodes` is updated).
 """
 
@@ -25,15 +28,43 @@ import torch.fx
 from edgeplan.passes.capture import fetch_attr, signature_of
 from edgeplan.passes.records import SIGNATURE_KEY
 
+NONDETERMINISTIC = (torch.Tag.nondeterministic_seeded, torch.Tag.nondeterministic_bitwise)
 
-def _mergeable(node: torch.fx.Node) -> bool:
+
+def _mutates(node: torch.fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return node.op == "call_function" and schema is not None and schema.is_mutable
+
+
+def _changed_in_place(graph: torch.fx.Graph) -> set[torch.fx.Node]:
+    """Values an in-place operator writes, with every view that shares their memory."""
+    changed: set[torch.fx.Node] = set()
+    for node in graph.nodes:
+        if _mutates(node):
+            changed.update(node.all_input_nodes)
+            changed.add(node)
+    views = [n for n in graph.nodes if n.op == "call_function" and getattr(n.target, "is_view", False)]
+    grew = True
+    while grew:  # a view and its base alias each other: spread both ways until nothing changes
+        grew = False
+        for view in views:
+            group = {view, *view.all_input_nodes}
+            if group & changed and not group <= changed:
+                changed |= group
+                grew = True
+    return changed
+
+
+def _mergeable(node: torch.fx.Node, changed: set[torch.fx.Node]) -> bool:
+    if node in changed or any(arg in changed for arg in node.all_input_nodes):
+        return False
     target = node.target
     schema = getattr(target, "_schema", None)
     if schema is None:  # operator.getitem and other Python callables: pure
-        return node.op == "call_function" and getattr(target, "__module__", "") == "_operator"
+        return getattr(target, "__module__", "") == "_operator"
     if schema.is_mutable:
         return False
-    return torch.Tag.nondeterministic_seeded not in getattr(target, "tags", ())
+    return not any(tag in getattr(target, "tags", ()) for tag in NONDETERMINISTIC)
 
 
 def _key(value):
@@ -66,8 +97,9 @@ def dedup(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, int, int]:
             graph.erase_node(node)
             weights += 1
     seen: dict[tuple, torch.fx.Node] = {}
+    changed = _changed_in_place(graph)
     for node in list(graph.nodes):
-        if node.op != "call_function" or not _mergeable(node):
+        if node.op != "call_function" or not _mergeable(node, changed):
             continue
         key = (node.target, _key(node.args), _key(node.kwargs))
         first = seen.setdefault(key, node)
