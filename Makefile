@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch first: the CPU wheel; a plain `torch` requirement would pull CUDA wheels.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test,hf,remote]'
+	$(BIN)/pip install -q -e '.[test,hf,remote,tvm]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -72,8 +72,18 @@ def load_factory(spec: str):
     return factory
 
 
+def progress_bar(done: int, total: int, label: str) -> None:
+    """A one-line progress bar on stderr (profiling units, building and tuning TVM stages)."""
+    filled = int(30 * done / total) if total else 30
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {done}/{total} {label[:40]:<40}")
+    if done >= total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
 def cmd_compile(args) -> int:
     import edgeplan
+    from edgeplan.targets.tvm import TvmTarget
 
     factory = load_factory(args.model)
     built = factory()
@@ -94,6 +104,9 @@ def cmd_compile(args) -> int:
         num_stages=args.stages, time_limit_s=args.time_limit, plan_from=args.plan_from,
         max_error=args.max_error, min_agreement=args.min_agreement,
         name=args.model.rpartition(":")[0].rpartition("/")[2].removesuffix(".py") or None,
+        targets=args.targets,
+        tvm=TvmTarget(target=args.tvm_target, schedule=args.tvm_schedule, trials=args.tvm_trials,
+                      cache=args.tvm_cache_dir, progress=progress_bar),
         **options,
     )
     if args.plan_only:
@@ -103,7 +116,8 @@ def cmd_compile(args) -> int:
 
     print(format_plan(plan))
     print(f"\nwrote {out_dir}/" + ("plan.json" if args.plan_only else "plan.json, manifest.json, "
-                                 + ", ".join(f"stage_{s.index}.onnx" for s in plan.stages)))
+                                 + ", ".join(f"stage_{s.index}" + (".tvm.so" if s.runtime == "tvm" else ".onnx")
+                                             for s in plan.stages)))
     return 0
 
 
@@ -177,13 +191,7 @@ def cmd_profile(args) -> int:
         raise EdgeplanError("profile: nothing to measure; give a model (FILE:FACTORY), "
                             "--layer-space, or --from-run DIR")
     store = ProfileStore(args.store)
-
-    def progress(done: int, total: int, label: str) -> None:
-        filled = int(30 * done / total) if total else 30
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {done}/{total} {label[:40]:<40}")
-        if done >= total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+    progress = progress_bar
 
     records = []
     if args.model:
@@ -325,6 +333,18 @@ def build_parser() -> argparse.ArgumentParser:
     compile_parser.add_argument("--min-agreement", type=float, default=None,
                                 help="with --max-error: also require this argmax agreement (e.g. 0.995)")
     compile_parser.add_argument("--plan-only", action="store_true", help="write plan.json only (works on meta models)")
+    compile_parser.add_argument("--targets", choices=["onnx", "tvm", "auto"], default="onnx",
+                                help="stage artifacts: ONNX (default), TVM libraries, or auto: time "
+                                     "both per stage on this host and keep the faster (needs the tvm extra)")
+    compile_parser.add_argument("--tvm-target", default="host",
+                                help="TVM target: host, aarch64, cuda, opencl, vulkan, or a TVM target "
+                                     "as JSON (default host)")
+    compile_parser.add_argument("--tvm-schedule", choices=["none", "dlight", "metaschedule"],
+                                default="dlight", help="how TVM kernels are scheduled (default dlight)")
+    compile_parser.add_argument("--tvm-trials", type=int, default=64,
+                                help="metaschedule: measurements per stage (default 64)")
+    compile_parser.add_argument("--tvm-cache-dir", default=None,
+                                help="compiled-stage cache (default $EDGEPLAN_CACHE_DIR or ~/.cache/edgeplan/tvm)")
     compile_parser.add_argument("--merge", choices=["identical", "none"], default="identical",
                                 help="workloads (a factory returning {name: (model, inputs)}): share "
                                      "layers with equal architecture and weights across models "

@@ -56,8 +56,9 @@ from edgeplan.runtime.manifest import (
     TensorEntry,
     write_manifest,
 )
-from edgeplan.runtime.session import StageSession
+from edgeplan.runtime.session import open_session
 from edgeplan.targets.onnx import OnnxTarget
+from edgeplan.targets.tvm import TvmTarget, is_host, resolve_target
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,8 @@ class CompileOptions:
     min_agreement: float | None = None
     calibration_inputs: tuple | None = None
     workload: WorkloadLayout | None = None  # set by planner.workload.compile_workload
+    targets: str = "onnx"  # "onnx" | "tvm" | "auto" (measure both per stage, keep the faster)
+    tvm: TvmTarget = field(default_factory=TvmTarget)  # TVM target, schedule, trials, cache
 
 
 @dataclass(frozen=True)
@@ -256,16 +259,29 @@ def emit_pass(c: Compilation) -> Compilation:
     # An earlier manifest must not describe half-rewritten artifacts if this emit fails:
     # remove it first, write plan and manifest only once every stage is exported.
     (c.out_dir / MANIFEST_FILE).unlink(missing_ok=True)
-    manifest = emit_onnx(c.graph, c.plan, c.units, c.fleet, c.example_inputs, c.out_dir,
-                         verify=c.options.verify)
-    c.plan.to_json(c.out_dir / PLAN_FILE)
+    manifest, stages = emit_stages(c.graph, c.plan, c.units, c.fleet, c.example_inputs, c.out_dir,
+                                   verify=c.options.verify, targets=c.options.targets,
+                                   tvm=c.options.tvm)
+    plan = dataclasses.replace(c.plan, stages=stages)
+    plan.to_json(c.out_dir / PLAN_FILE)
     write_manifest(manifest, c.out_dir)
-    return c
+    return dataclasses.replace(c, plan=plan)
 
 
-def emit_onnx(gm, plan: Plan, units, fleet: Fleet, example_inputs, out_dir: Path,
-              verify: bool = True) -> Manifest:
-    """Split the graph by the plan, export every stage, and (with verify) check each against torch."""
+def emit_stages(gm, plan: Plan, units, fleet: Fleet, example_inputs, out_dir: Path,
+                verify: bool = True, targets: str = "onnx",
+                tvm: TvmTarget | None = None) -> tuple[Manifest, tuple[Stage, ...]]:
+    """Split the graph by the plan, export every stage to ONNX, and (with verify) check each
+    against torch. With `targets` "tvm", every stage also gets a TVM library (from its ONNX
+    file) that the manifest points at instead; with "auto", both run on this host and the
+    faster one is kept. Returns the manifest and the plan's stages with the runtime chosen."""
+    if targets not in ("onnx", "tvm", "auto"):
+        raise ArtifactError(f"emit: targets {targets!r} is unknown; use 'onnx', 'tvm' or 'auto'")
+    tvm = tvm or TvmTarget()
+    if targets == "auto" and not is_host(resolve_target(tvm.target)):
+        raise ArtifactError(
+            f"emit: --targets auto times both runtimes on this machine, so it needs the host TVM "
+            f"target, not {tvm.target!r}; use --targets tvm to build for that device")
     stage_of_unit = [0] * len(units)
     for stage in plan.stages:
         for u in range(stage.unit_start, stage.unit_end):
@@ -274,7 +290,7 @@ def emit_onnx(gm, plan: Plan, units, fleet: Fleet, example_inputs, out_dir: Path
     signature = signature_of(gm)
     env = bind_inputs(signature, example_inputs)
     target = OnnxTarget()
-    entries = []
+    entries, stages = [], []
     for stage, (stage_graph, args) in zip(plan.stages, run_stages(stage_graphs, env)):
         forward = (tuple(t.name for t in stage.boundary.tensors) if stage.boundary
                    else signature.output_nodes)
@@ -295,9 +311,16 @@ def emit_onnx(gm, plan: Plan, units, fleet: Fleet, example_inputs, out_dir: Path
         )
         if verify:
             entry = dataclasses.replace(entry, verified_max_abs_error=_verify(out_dir, entry, env))
+        if targets != "onnx":
+            if tvm.progress is not None:
+                tvm.progress(stage.index, len(plan.stages), f"tvm stage {stage.index}")
+            entry, stage = _emit_tvm(out_dir, entry, stage, env, targets, tvm, verify)
         entries.append(entry)
+        stages.append(stage)
+    if targets != "onnx" and tvm.progress is not None:
+        tvm.progress(len(plan.stages), len(plan.stages), "tvm stages done")
     batch = signature.inputs[0].shape[0] if signature.inputs and signature.inputs[0].shape else 1
-    return Manifest(
+    manifest = Manifest(
         model=signature.name,
         batch_size=int(batch),
         inputs=tuple(TensorEntry(t.name, t.shape, t.dtype) for t in signature.inputs),
@@ -305,6 +328,52 @@ def emit_onnx(gm, plan: Plan, units, fleet: Fleet, example_inputs, out_dir: Path
                       for spec, node in zip(signature.outputs, signature.output_nodes)),
         stages=tuple(entries),
     )
+    return manifest, tuple(stages)
+
+
+TIMING_WARMUP, TIMING_REPEATS = 3, 15
+TVM_TOLERANCE = 1e-4  # max |TVM - torch| a TVM stage may add beyond ONNX Runtime's own error
+
+
+def _emit_tvm(out_dir: Path, entry: StageEntry, stage: Stage, env: dict, targets: str,
+              tvm: TvmTarget, verify: bool) -> tuple[StageEntry, Stage]:
+    """Build the stage's TVM library; the manifest entry points at it for "tvm", and at the
+    faster of the two (median over TIMING_REPEATS runs, one thread each) for "auto".
+
+    A host library is checked against torch (always for "auto"): one that is off by more
+    than TVM_TOLERANCE is an error for "tvm" and is never chosen by "auto"."""
+    built = tvm.emit(out_dir / entry.artifact.path, stage.index, out_dir)
+    tvm_entry = dataclasses.replace(entry, artifact=built.artifact, verified_max_abs_error=None)
+    if not is_host(resolve_target(tvm.target)):  # cross-compiled: cannot run here
+        return tvm_entry, dataclasses.replace(stage, runtime="tvm")
+    if verify or targets == "auto":
+        error = _verify(out_dir, tvm_entry, env)
+        tvm_entry = dataclasses.replace(tvm_entry, verified_max_abs_error=error)
+        within = error <= TVM_TOLERANCE + (entry.verified_max_abs_error or 0.0)
+        if targets == "tvm" and not within:
+            raise ArtifactError(
+                f"tvm target: stage {stage.index} differs from torch by {error:.2e} (more than "
+                f"{TVM_TOLERANCE:g}); compile it with --targets onnx or --targets auto, and report "
+                f"the model")
+    if targets == "tvm":
+        return tvm_entry, dataclasses.replace(stage, runtime="tvm")
+    feeds = {t.name: env[t.name].detach().cpu().numpy() for t in entry.inputs}
+    times = {"onnxruntime": _median_run_s(open_session(out_dir, entry, threads=1), feeds),
+             "tvm": _median_run_s(open_session(out_dir, tvm_entry, threads=1), feeds)}
+    runtime = "tvm" if within and times["tvm"] < times["onnxruntime"] else "onnxruntime"
+    chosen = tvm_entry if runtime == "tvm" else entry
+    return chosen, dataclasses.replace(stage, runtime=runtime, runtime_s=times)
+
+
+def _median_run_s(session, feeds: dict) -> float:
+    for _ in range(TIMING_WARMUP):
+        session.run(feeds)
+    times = []
+    for _ in range(TIMING_REPEATS):
+        started = time.perf_counter()
+        session.run(feeds)
+        times.append(time.perf_counter() - started)
+    return float(np.median(times))
 
 
 def _link_entry(fleet: Fleet, stage, stages) -> LinkEntry | None:
@@ -315,8 +384,8 @@ def _link_entry(fleet: Fleet, stage, stages) -> LinkEntry | None:
 
 
 def _verify(out_dir: Path, entry: StageEntry, env: dict) -> float:
-    """Max |ONNX Runtime - torch| over the stage's outputs on the example inputs."""
-    session = StageSession(out_dir, entry, threads=1)
+    """Max |runtime - torch| over the stage's outputs on the example inputs."""
+    session = open_session(out_dir, entry, threads=1)
     results = session.run({t.name: env[t.name].detach().cpu().numpy() for t in entry.inputs})
     errors = [float(np.max(np.abs(results[t.name].astype(np.float64)
                                   - env[t.name].detach().cpu().numpy().astype(np.float64)), initial=0.0))

@@ -71,6 +71,10 @@ class Stage:
     memory_budget_bytes: int
     compute_s: float
     boundary: Boundary | None = None
+    # Which runtime runs the stage ("onnxruntime" or "tvm"), and the median seconds each
+    # runtime measured for it on the compiling host (`--targets auto` keeps the faster).
+    runtime: str = "onnxruntime"
+    runtime_s: dict[str, float] = field(default_factory=dict)
     guessed_units: tuple[str, ...] = ()  # units whose time here is a roofline guess (learned costs)
 
 
@@ -224,6 +228,8 @@ def _stage(data: dict) -> Stage:
         unit_start=data["unit_start"], unit_end=data["unit_end"], units=tuple(data["units"]),
         param_bytes=data["param_bytes"], memory_bytes=data["memory_bytes"],
         memory_budget_bytes=data["memory_budget_bytes"], compute_s=data["compute_s"],
+        runtime=data.get("runtime", "onnxruntime"),
+        runtime_s={str(k): float(v) for k, v in data.get("runtime_s", {}).items()},
         boundary=None if boundary is None else Boundary(
             **{**boundary, "tensors": tuple(_tensor(t) for t in boundary["tensors"])}),
         guessed_units=tuple(data.get("guessed_units", ())),

@@ -5,7 +5,7 @@
 
 The model is captured, annotated and grouped into units (granularity "block") as the
 compiler does, then split so that every unit is its own stage. The stage modules run in
-order on the example inputs (as `emit_onnx` does) to get each unit's concrete inputs;
+order on the example inputs (as `emit_stages` does) to get each unit's concrete inputs;
 each unit is exported to ONNX in a temporary directory and timed in an ONNX Runtime
 session with `intra_op_num_threads = t` (inter-op 1, sequential execution, default graph
 optimizations, as the runtime's StageSession) for each t: `warmup` untimed runs, then

@@ -39,8 +39,11 @@ def format_plan(plan: Plan, manifest=None, run: dict | None = None) -> str:
         header += ["codec", "ratio", "out err", "agree"]
     if run is not None:
         header.append("measured ms")
+    runtimes = any(stage.runtime != "onnxruntime" or stage.runtime_s for stage in plan.stages)
+    if runtimes:
+        header += ["runtime", "ORT ms", "TVM ms"]
     if manifest is not None:
-        header.append("|ORT-torch|")
+        header.append("|runtime-torch|" if runtimes else "|ORT-torch|")
     rows = []
     for stage in plan.stages:
         compute = f"{stage.compute_s * 1e3:.3f}" + (" *" if (kind, where) == ("stage", stage.index) else "")
@@ -61,6 +64,9 @@ def format_plan(plan: Plan, manifest=None, run: dict | None = None) -> str:
                 "-" if b.agreement is None else f"{b.agreement:.2%}"]
         if run is not None:
             row.append(f"{run['stage_mean_s'][stage.index] * 1e3:.3f}")
+        if runtimes:
+            row += [stage.runtime, *(f"{stage.runtime_s[name] * 1e3:.3f}" if name in stage.runtime_s
+                                     else "-" for name in ("onnxruntime", "tvm"))]
         if manifest is not None:
             error = manifest.stages[stage.index].verified_max_abs_error
             row.append("-" if error is None else f"{error:.1e}")
@@ -87,6 +93,9 @@ def format_plan(plan: Plan, manifest=None, run: dict | None = None) -> str:
         lines.append(f"boundary codecs chosen with the partition under --max-error {plan.max_error:g} "
                      f"(relative L2 error of the outputs on the calibration inputs; codec times "
                      f"measured on the compiling host, included in the stage times)")
+    if runtimes:
+        lines.append("runtime: what runs each stage; ORT ms / TVM ms: median of one-thread runs on "
+                     "the compiling host, measured by --targets auto (which keeps the faster)")
     if plan.costs.guessed_units:
         lines.append(f"guessed (no measurements): {', '.join(plan.costs.guessed_units)}")
     if plan.workload is not None:

@@ -46,7 +46,8 @@ class Artifact:
     path: str  # relative to the manifest's directory
     sha256: str
     nbytes: int
-    format: str = "onnx"
+    format: str = "onnx"  # "onnx" (ONNX Runtime) or "tvm" (a TVM Relax VM library)
+    target: str | None = None  # for "tvm": the TVM target it was compiled for, as JSON
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from edgeplan.runtime.manifest import (
     TensorEntry,
     read_manifest,
 )
-from edgeplan.runtime.session import StageSession
+from edgeplan.runtime.session import StageSession, open_session
 
 QUEUE_DEPTH = 2
 _DONE = object()
@@ -193,7 +193,7 @@ class Pipeline:
         if threads_per_stage is None:
             threads_per_stage = max(1, (os.cpu_count() or 1) // len(self.manifest.stages))
         self.threads_per_stage = threads_per_stage
-        self.sessions = [StageSession(self.directory, stage, threads_per_stage)
+        self.sessions = [open_session(self.directory, stage, threads_per_stage)
                          for stage in self.manifest.stages]
         self.steps: list = []
         for session in self.sessions:

@@ -1,7 +1,7 @@
 """One stage on one backend: an ONNX Runtime session behind a small dispatch-friendly interface.
 
 `StageSession.run(feeds) -> outputs` takes and returns dicts of numpy arrays keyed by
-tensor name. Execution providers come from the manifest in preference order; those the
+tensor name; `open_session` picks the session class by the manifest's artifact format. Execution providers come from the manifest in preference order; those the
 installed onnxruntime lacks are skipped (CPU is always last), and `providers` says which
 ones were actually used.
 """
@@ -16,6 +16,20 @@ from edgeplan.errors import ArtifactError, StageError
 from edgeplan.runtime.manifest import StageEntry, verify_artifact
 
 CPU_PROVIDER = "CPUExecutionProvider"
+
+
+def open_session(directory: str | Path, stage: StageEntry, threads: int = 0):
+    """The session for a stage's artifact kind: ONNX Runtime for "onnx", the TVM Relax VM
+    for "tvm" (runtime/tvm_session.py; tvm is imported only then)."""
+    kind = stage.artifact.format
+    if kind == "onnx":
+        return StageSession(directory, stage, threads)
+    if kind == "tvm":
+        from edgeplan.runtime.tvm_session import TvmStageSession
+
+        return TvmStageSession(directory, stage, threads)
+    raise ArtifactError(f"stage {stage.index} ({stage.device}): artifact format {kind!r} is unknown "
+                        f"to this runtime (it runs 'onnx' and 'tvm'); upgrade edgeplan or recompile")
 
 
 class StageSession:

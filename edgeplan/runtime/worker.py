@@ -49,7 +49,7 @@ import edgeplan
 from edgeplan.errors import EdgeplanError, RemoteError
 from edgeplan.runtime.manifest import MANIFEST_FILE, Manifest, read_manifest
 from edgeplan.runtime.pipeline import StageStep
-from edgeplan.runtime.session import StageSession
+from edgeplan.runtime.session import open_session
 from edgeplan.runtime.wire import (
     CHANNEL_OPTIONS,
     HEALTH_TIMEOUT_S,
@@ -278,7 +278,7 @@ class Worker:
             if not _PLAIN_NAME.match(entry.artifact.path):
                 raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
                                f"stage {k}: artifact path {entry.artifact.path!r} is not a plain file name")
-            steps[k] = StageStep(StageSession(folder, entry, self.threads), last=k == count - 1)
+            steps[k] = StageStep(open_session(folder, entry, self.threads), last=k == count - 1)
         hops = {}
         try:
             for k in stages:
