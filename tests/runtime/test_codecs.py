@@ -417,6 +417,19 @@ def test_corrupt_zstd_stage():
                 decode(bad)
 
 
+def test_zstd_entropy_codes_the_exponent_plane():
+    """Float words are split into byte planes; the sign/exponent byte carries the redundancy."""
+    x = np.random.default_rng(10).standard_normal(1 << 16).astype(np.float32)
+    for name, plain, at_least in (("raw+zstd", "raw", 1.15), ("fp16+zstd", "fp16", 1.15),
+                                  ("bf16+zstd", "bf16", 1.4)):
+        payload = encode(x, name)
+        assert len(encode(x, plain)) / len(payload) > at_least, name
+        assert decode(payload).tobytes() == decode(encode(x, plain)).tobytes()
+        header, start = header_of(payload)
+        (frame_len,) = struct.unpack_from("<I", payload, start)
+        assert header["nbytes"] > 4 + frame_len  # a second frame holds the mantissa bytes
+
+
 @settings(max_examples=200, deadline=None)
 @given(name=st.sampled_from(sorted(PAYLOADS)), data=st.data())
 def test_random_mutations_never_crash(name, data):
