@@ -135,6 +135,8 @@ class TvmTarget:
         started = time.perf_counter()
         tvm = require_tvm()
         target = resolve_target(self.target)
+        if self.schedule == "metaschedule" and is_host(target):
+            target.setdefault("num-cores", os.cpu_count() or 1)  # the tuner needs the core count
         if self.schedule not in SCHEDULES:
             raise ArtifactError(f"tvm target: schedule {self.schedule!r} is unknown; use one of {SCHEDULES}")
         if self.schedule == "metaschedule" and self.trials < 1:
