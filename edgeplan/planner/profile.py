@@ -8,8 +8,13 @@ compiler does, then split so that every unit is its own stage. The stage modules
 order on the example inputs (as `emit_stages` does) to get each unit's concrete inputs;
 each unit is exported to ONNX in a temporary directory and timed in an ONNX Runtime
 session with `intra_op_num_threads = t` (inter-op 1, sequential execution, default graph
-optimizations, as the runtime's StageSession) for each t: `warmup` untimed runs, then
-`repeats` runs timed one by one with time.perf_counter. Each (unit, t) pair gives one
+optimizations, as the runtime's StageSession) for each t. Every session is warmed up
+(`warmup` untimed runs and at least WARMUP_S seconds), then timed in `rounds` interleaved
+rounds: each round runs every session of the model in turn, ceil(repeats / rounds) runs
+timed one by one with time.perf_counter, and at least MIN_ROUND_S seconds of runs, so
+tiny units get enough samples and drift of a shared machine (other processes starting
+and stopping) falls on all units alike instead of on whichever was timed at the time.
+The statistics are over all timed runs. Each (unit, t) pair gives one
 UnitProfile on backend `cpu{t}` of device "host" (the `host` device preset in
 planner/fleet.py describes this machine), with robust statistics (median,
 p10, p90, and the number of runs more than 3 scaled MADs from the median) and the unit's
@@ -58,10 +63,14 @@ from edgeplan.errors import EdgeplanError
 FORMAT = "edgeplan-profile"
 VERSION = 1
 DEVICE = "host"
-OP_KINDS = ("matmul", "conv", "attention", "norm", "elementwise", "reduce", "embedding", "view",
-            "other")
+OP_KINDS = ("matmul", "conv", "depthwise", "attention", "norm", "elementwise", "reduce",
+            "embedding", "view", "other")
 # A run is an outlier when it lies more than this many scaled MADs from the median.
 OUTLIER_MADS = 3.0
+# Warm-up and timed time per round: enough runs for a unit of tens of microseconds to
+# span many scheduler time slices, a negligible floor for a unit of milliseconds.
+WARMUP_S = 0.01
+MIN_ROUND_S = 0.005
 MAD_SCALE = 1.4826  # MAD * 1.4826 estimates the standard deviation of a normal sample
 
 Progress = Callable[[int, int, str], None]
@@ -230,27 +239,37 @@ def _session(path: Path, threads: int):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def time_session(session, feeds: dict, warmup: int, repeats: int) -> list[float]:
-    """Per-run seconds of `repeats` runs after `warmup` untimed ones."""
+def time_session(session, feeds: dict, warmup: int, repeats: int, min_s: float = 0.0) -> list[float]:
+    """Per-run seconds of `repeats` runs (more, until they took `min_s`) after `warmup`
+    untimed ones."""
     for _ in range(warmup):
         session.run(None, feeds)
-    samples = []
-    for _ in range(repeats):
+    samples: list[float] = []
+    while len(samples) < repeats or sum(samples) < min_s:
         started = time.perf_counter()
         session.run(None, feeds)
         samples.append(time.perf_counter() - started)
     return samples
 
 
+def warm_up(session, feeds: dict, warmup: int) -> None:
+    """`warmup` untimed runs, and more until they took WARMUP_S (allocations, caches)."""
+    started = time.perf_counter()
+    count = 0
+    while count < warmup or time.perf_counter() - started < WARMUP_S:
+        session.run(None, feeds)
+        count += 1
+
+
 def profile_units(model, example_inputs, *, threads: Sequence[int] = (1, 2), warmup: int = 3,
-                  repeats: int = 15, name: str | None = None,
+                  repeats: int = 15, rounds: int = 3, name: str | None = None,
                   progress: Progress | None = None,
                   stage_of_unit: Sequence[int] | None = None) -> list[UnitProfile]:
     """Measure every unit of `model` on backends cpu{t} of device "host" for t in `threads`.
 
     Returns one UnitProfile per (unit, thread count), units in graph order and thread
     counts in the given order within a unit. `progress(done, total, label)` is called
-    after each export and each timing (and once with done=0 before starting).
+    after each export and each timing round (and once with done=0 before starting).
 
     With `stage_of_unit` (the stage index of every unit, as a plan assigns them), the
     stages are timed instead, each exported as one ONNX file like the compiler emits it:
@@ -269,8 +288,9 @@ def profile_units(model, example_inputs, *, threads: Sequence[int] = (1, 2), war
         raise EdgeplanError(f"profile: thread counts must be >= 1, got {list(threads)}")
     if len(set(threads)) != len(threads):
         raise EdgeplanError(f"profile: thread counts repeat: {list(threads)}")
-    if repeats < 1 or warmup < 0:
-        raise EdgeplanError(f"profile: need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    if repeats < 1 or warmup < 0 or rounds < 1:
+        raise EdgeplanError(f"profile: need repeats >= 1, warmup >= 0 and rounds >= 1, got "
+                            f"{repeats}, {warmup}, {rounds}")
 
     gm = annotate(capture(model, example_inputs, name))
     signature = signature_of(gm)
@@ -288,7 +308,7 @@ def profile_units(model, example_inputs, *, threads: Sequence[int] = (1, 2), war
     groups = [[u for u in units if stage_of_unit[u.index] == s] for s in range(stage_of_unit[-1] + 1)]
     stage_graphs = split_stages(gm, stage_of_unit)
     env = bind_inputs(signature, example_inputs)
-    total = len(groups) * (1 + len(threads))
+    total = len(groups) + rounds
     done = 0
 
     def step(label: str) -> None:
@@ -311,25 +331,33 @@ def profile_units(model, example_inputs, *, threads: Sequence[int] = (1, 2), war
             exported.append((index, group, Path(tmp) / artifact.path, feeds))
             step(f"export {_group_name(group)}")
 
+        runs, keys = [], []
         for index, group, path, feeds in exported:
-            parts = tuple(unit_features(unit) for unit in group)
-            features = combine_features(parts)
-            label = _group_name(group)
             for t in threads:
                 session = _session(path, t)
                 # The exporter drops inputs a unit does not read: feed what the file asks for.
                 wanted = {i.name for i in session.get_inputs()}
-                samples = time_session(session, {k: v for k, v in feeds.items() if k in wanted},
-                                       warmup, repeats)
-                del session
-                median, p10, p90, outliers = robust_stats(samples)
-                records.append(UnitProfile(
-                    model=signature.name, unit=label, device=DEVICE, backend=backend_name(t),
-                    features=dict(features), median_s=median, p10_s=p10, p90_s=p90,
-                    repeats=repeats, timestamp=datetime.now(UTC).isoformat(timespec="seconds"),
-                    outliers=outliers, unit_index=index, host=host, runtime=runtime,
-                    parts=parts if len(parts) > 1 else ()))
-                step(f"time {label} {backend_name(t)}")
+                runs.append((session, {k: v for k, v in feeds.items() if k in wanted}))
+                keys.append((index, group, t))
+        for session, feeds in runs:
+            warm_up(session, feeds, warmup)
+        samples: list[list[float]] = [[] for _ in runs]
+        for round_index in range(rounds):
+            for timed, (session, feeds) in zip(samples, runs):
+                timed += time_session(session, feeds, 0, math.ceil(repeats / rounds), MIN_ROUND_S)
+            step(f"round {round_index + 1}/{rounds}")
+        del runs
+        for (index, group, t), timed in zip(keys, samples):
+            parts = tuple(unit_features(unit) for unit in group)
+            median, p10, p90, outliers = robust_stats(timed)
+            records.append(UnitProfile(
+                model=signature.name, unit=_group_name(group), device=DEVICE,
+                backend=backend_name(t), features=combine_features(parts), median_s=median,
+                p10_s=p10, p90_s=p90, repeats=len(timed),
+                timestamp=datetime.now(UTC).isoformat(timespec="seconds"), outliers=outliers,
+                unit_index=index, host=host, runtime=runtime,
+                parts=parts if len(parts) > 1 else ()))
+    records.sort(key=lambda r: (r.unit_index, threads.index(int(r.backend[3:]))))
     return records
 
 

@@ -43,7 +43,8 @@ def test_every_unit_has_a_record_per_backend(profiled):
         rows = [r for r in records if r.backend == backend]
         assert [r.unit for r in rows] == units
         for r in rows:
-            assert r.device == "host" and r.model == "GPT" and r.repeats == 5
+            # at least `repeats` runs, more until a round took MIN_ROUND_S
+            assert r.device == "host" and r.model == "GPT" and r.repeats >= 5
             assert r.median_s > 0
             assert r.p10_s <= r.median_s <= r.p90_s
     block = next(r for r in records if r.unit == "blocks.0")
@@ -54,7 +55,9 @@ def test_every_unit_has_a_record_per_backend(profiled):
     assert sum(block.features[f"{k}_flops"] for k in OP_KINDS) == block.features["flops"]
     # progress: starts at 0, counts up by one to the total
     assert [c[0] for c in calls] == list(range(calls[-1][1] + 1))
-    assert calls[-1][1] == len(units) * 3
+    assert calls[-1][1] == len(units) + 3  # one export per unit, then 3 timing rounds
+    # a unit of microseconds is timed for MIN_ROUND_S per round, so far more than 5 runs
+    assert next(r for r in records if r.unit == "tok_emb").repeats > 5
 
 
 def test_robust_stats_counts_outliers():
