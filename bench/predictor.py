@@ -27,6 +27,7 @@ and after. Re-run it when the machine is quiet.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import random
 import statistics
@@ -61,9 +62,13 @@ EXAMPLES = ROOT / "examples"
 BACKENDS = ("cpu1", "cpu2")
 ZOO = [
     ("gpt", dict(n_layer=2, d_model=64, n_head=2, vocab=256, seq=16, batch=1)),
+    ("gpt", dict(n_layer=2, d_model=96, n_head=2, vocab=384, seq=48, batch=1)),
     ("gpt", dict(n_layer=2, d_model=128, n_head=4, vocab=512, seq=32, batch=2)),
+    ("gpt", dict(n_layer=2, d_model=192, n_head=4, vocab=768, seq=24, batch=1)),
     ("gpt", dict(n_layer=2, d_model=256, n_head=4, vocab=1024, seq=64, batch=2)),
+    ("gpt", dict(n_layer=2, d_model=320, n_head=8, vocab=1024, seq=96, batch=1)),
     ("gpt", dict(n_layer=2, d_model=384, n_head=6, vocab=2048, seq=128, batch=1)),
+    ("gpt", dict(n_layer=1, d_model=512, n_head=8, vocab=2048, seq=32, batch=1)),
     ("resnet", dict(widths=(16, 32, 64, 128), image_size=32, batch=2)),
     ("resnet", dict(widths=(32, 64, 128, 256), image_size=64, batch=1, blocks_per_stage=1)),
     ("resnet", dict(widths=(8, 16, 32, 64), image_size=96, batch=1, blocks_per_stage=1)),
@@ -166,11 +171,14 @@ def balanced_split(times: np.ndarray, stages: int) -> list[int]:
 
 
 def measure_held_out(predictor: Predictor, repeats: int):
-    """Unit records and stage records (1..4 stages) of every held-out model."""
-    units, stages = [], []
+    """Unit records and stage records (1..4 stages) of every held-out model, and its units
+    timed a second time after all of that (the run-to-run noise floor)."""
+    units, stages, again = [], [], []
+    built = []
     cpu1 = predictor.models[("host", "cpu1")]
     for name, build in held_out_models():
         model, inputs = build()
+        built.append((name, model, inputs))
         unit_records = profile_units(model, inputs, repeats=repeats, name=name,
                                      progress=progress_line(f"{name} units"))
         units += unit_records
@@ -180,7 +188,15 @@ def measure_held_out(predictor: Predictor, repeats: int):
             stages += profile_units(model, inputs, repeats=repeats, name=f"{name}-stages",
                                     stage_of_unit=split,
                                     progress=progress_line(f"{name} {count} stage(s)"))
-    return units, stages
+    for name, model, inputs in built:
+        again += profile_units(model, inputs, repeats=repeats, name=f"{name}-repeat",
+                               progress=progress_line(f"{name} units again"))
+    return units, stages, again
+
+
+def noise_floor(first, second) -> np.ndarray:
+    """Relative difference of the same units timed twice, minutes apart."""
+    return np.array([a.median_s / b.median_s - 1.0 for a, b in zip(first, second)])
 
 
 def roofline_times(records, backend: str) -> np.ndarray:
@@ -200,8 +216,8 @@ def roofline_times(records, backend: str) -> np.ndarray:
 
 
 def learned_times(model, records) -> np.ndarray:
-    """Learned seconds of each record: a stage is the sum of its units, as a plan costs it."""
-    return np.array([sum(model.predict(f) for f in (r.parts or (r.features,))) for r in records])
+    """Learned seconds of each record: a stage is the sum of its units, its run cost once."""
+    return np.array([model.predict_stage(r.parts or (r.features,)) for r in records])
 
 
 def errors(predicted: np.ndarray, records) -> np.ndarray:
@@ -279,29 +295,40 @@ def main(argv=None) -> int:
         measured = held_out.load()
     else:
         held_out.path.unlink(missing_ok=True)
-        units, stages = measure_held_out(predictor, args.repeats)
-        held_out.append(units + stages)
-        measured = units + stages
-    units = [r for r in measured if not r.parts and not r.model.endswith("-stages")]
+        units, stages, again = measure_held_out(predictor, args.repeats)
+        held_out.append(units + stages + again)
+        measured = units + stages + again
+    units = [r for r in measured if not r.parts and not r.model.endswith(("-stages", "-repeat"))]
     stages = [r for r in measured if r.model.endswith("-stages")]
+    again = [r for r in measured if r.model.endswith("-repeat")]
     print(f"load average after: {os.getloadavg()[0]:.2f}; store {len(store_records)} records "
           f"(profiled in {trained_s:.0f} s), held out {len(units)} unit and {len(stages)} stage "
           f"measurements", flush=True)
 
-    print("\nHeld-out models (never in the store): median |error| and share within +-10 %")
+    print("\nNoise floor: held-out units timed twice, minutes apart (no predictor can beat it)")
+    for backend in BACKENDS:
+        first = [r for r in units if r.backend == backend]
+        second = [r for r in again if r.backend == backend]
+        if len(first) == len(second) and first:
+            print(f"{backend:<8} {len(first):>4} units: |run 1 / run 2 - 1| {summary(noise_floor(first, second))}")
+
+    print("\nHeld-out models (never in the store): median |error| and share within +-10 %;")
+    print("additive = the per-kind law alone, learned = additive x residual model (+ c_run once per stage)")
     print(f"{'backend':<8} {'level':<6} {'model':<16} {'n':>4} | {'roofline':>8} {'<=10%':>7} | "
-          f"{'learned':>8} {'<=10%':>7}")
+          f"{'additive':>8} {'<=10%':>7} | {'learned':>8} {'<=10%':>7}")
     families = ("hf-gpt2", "hf-llama", "sep-cnn", "all")
     for backend in BACKENDS:
         model = predictor.models[("host", backend)]
+        additive = dataclasses.replace(model, residual=None, corrections={})
         for level, records in (("unit", units), ("stage", stages)):
             for family in families:
                 rows = [r for r in records if r.backend == backend
                         and (family == "all" or r.model.startswith(family))]
                 roof = errors(roofline_times(rows, backend), rows)
+                plain = errors(learned_times(additive, rows), rows)
                 learned = errors(learned_times(model, rows), rows)
                 print(f"{backend:<8} {level:<6} {family:<16} {len(rows):>4} | {summary(roof)} | "
-                      f"{summary(learned)}")
+                      f"{summary(plain)} | {summary(learned)}")
 
     print("\nAdaptation to a backend left out of training (held-out units + stages of it):")
     print(f"{'source -> target':<16} {'k':>3} {'median |err|':>12} {'<=10%':>6}")

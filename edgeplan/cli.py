@@ -241,7 +241,7 @@ def _print_refit(store, directory) -> None:
         model = (predictor.model_for(fleet.device(stage.device), stage.backend) if run.get("remote")
                  else predictor.models.get((DEVICE, backend_name(run.get("threads_per_stage", 0)))))
         features = [plan.units[u].features for u in range(stage.unit_start, stage.unit_end)]
-        now = "-" if model is None else f"{sum(model.predict(f) for f in features) * 1e3:.3f}"
+        now = "-" if model is None else f"{model.predict_stage(features) * 1e3:.3f}"
         print(f"  stage {stage.index} {stage.device}/{stage.backend}: planned {stage.compute_s * 1e3:.3f}, "
               f"measured {run['stage_mean_s'][stage.index] * 1e3:.3f}, predicted now {now}")
 

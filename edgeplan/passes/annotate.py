@@ -5,7 +5,8 @@ Reads shapes from `node.meta["val"]` (fake tensors from torch.export) and weight
 non-tensor values) and `node.meta["edgeplan.cost"]` (OpCost). The graph is not changed.
 
 FLOP rules (multiply-add = 2 FLOPs): linear/matmul family 2*M*N*K; convolution
-2*out_elems*(C_in/groups)*prod(kernel); scaled-dot-product attention 4*B*H*L*S*E plus the
+2*out_elems*(C_in/groups)*prod(kernel) (kind "depthwise" when every filter reads one
+channel of a multi-channel input, else "conv"); scaled-dot-product attention 4*B*H*L*S*E plus the
 softmax; norms and softmax 5 per output element; other elementwise ops and reductions one
 per element; views, embedding gathers and shape ops none. Views alias their input, so
 they carry no bytes of their own.
@@ -76,9 +77,13 @@ def _flops(node: torch.fx.Node, out: TensorSpec | None) -> tuple[str, int]:
         k = lhs.shape[-1] if lhs is not None and lhs.shape else 1
         return "matmul", 2 * out_elems * k
     if target in CONV_OPS:
-        weight = _spec(args[1])
+        weight, inputs = _spec(args[1]), _spec(args[0])
         per_output = math.prod(weight.shape[1:]) if weight is not None else 1
-        return "conv", 2 * out_elems * per_output
+        # One input channel per filter of a multi-channel input: a depthwise conv, memory-bound
+        # and far slower per FLOP than a dense one, so its own kind for latency predictors.
+        depthwise = (weight is not None and inputs is not None and len(inputs.shape) > 1
+                     and weight.shape[1] == 1 and inputs.shape[1] > 1)
+        return "depthwise" if depthwise else "conv", 2 * out_elems * per_output
     if target in ATTENTION_OPS:
         q, k = _spec(args[0]), _spec(args[1])
         if q is None or k is None:

@@ -49,8 +49,8 @@ class ModelSignature:
 class OpCost:
     """Static cost of one FX node.
 
-    kind: "matmul" | "conv" | "attention" | "norm" | "elementwise" | "reduce" | "embedding"
-    | "view" | "input" | "param" | "other". `bytes_moved` counts inputs, outputs and weights
+    kind: "matmul" | "conv" | "depthwise" | "attention" | "norm" | "elementwise" | "reduce"
+    | "embedding" | "view" | "input" | "param" | "other". `bytes_moved` counts inputs, outputs and weights
     read once (the memory-bound term of a roofline); `param_bytes` is set on weight nodes.
     """
 

@@ -33,7 +33,7 @@ from edgeplan.passes.records import (
 )
 
 GRANULARITIES = ("block", "layer")
-HEAVY_KINDS = frozenset({"matmul", "conv", "attention"})
+HEAVY_KINDS = frozenset({"matmul", "conv", "depthwise", "attention"})
 _INDEX = re.compile(r"^\d+$")
 
 

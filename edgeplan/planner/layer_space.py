@@ -2,7 +2,9 @@
 
 A latency predictor trained on a few whole models sees few shapes per op kind. The layer
 space fills the gaps: for each family (linear, matmul, conv, attention, norm,
-elementwise) it samples layer shapes log-uniformly from seeded ranges and builds one
+elementwise, and two whole block types: a LLaMA-style decoder block (RMSNorm, rotary
+attention, SwiGLU MLP, written here, not taken from transformers) and a depthwise-
+separable conv block) it samples shapes log-uniformly from seeded ranges and builds one
 `LayerBank` model per family whose `layers.i` are the sampled layers, each applied to
 its own input. `group_units` makes every `layers.i` its own unit (each layer reads a
 weight, so none is merged away as a light run), and `profile_units` times them like
@@ -25,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FAMILIES = ("linear", "matmul", "conv", "attention", "norm", "elementwise")
+FAMILIES = ("linear", "matmul", "conv", "attention", "norm", "elementwise", "llama_block",
+            "separable_block")
 
 
 class LayerBank(nn.Module):
@@ -118,6 +121,59 @@ class ChannelAffine(nn.Module):
         return F.relu(x * self.weight + self.bias)
 
 
+class LlamaLikeBlock(nn.Module):
+    """Pre-norm decoder block: RMSNorm, causal attention with rotary positions (grouped
+    key/value heads), RMSNorm, SwiGLU MLP; residuals around both."""
+
+    def __init__(self, width: int, heads: int, kv_heads: int, hidden: int, seq: int):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, width // heads
+        self.norm1, self.norm2 = RMSNorm(width), RMSNorm(width)
+        self.q = nn.Linear(width, width, bias=False)
+        self.kv = nn.Linear(width, 2 * kv_heads * self.head_dim, bias=False)
+        self.o = nn.Linear(width, width, bias=False)
+        self.gate_up = nn.Linear(width, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, width, bias=False)
+        inverse = 1.0 / 10000 ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim)
+        angles = torch.outer(torch.arange(seq).float(), inverse)
+        self.register_buffer("cos", torch.cat([angles.cos()] * 2, dim=-1), persistent=False)
+        self.register_buffer("sin", torch.cat([angles.sin()] * 2, dim=-1), persistent=False)
+
+    def _rotate(self, x):
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * self.cos[: x.shape[-2]] + rotated * self.sin[: x.shape[-2]]
+
+    def forward(self, x):
+        batch, seq, width = x.shape
+        h = self.norm1(x)
+        q = self.q(h).view(batch, seq, self.heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv(h).view(batch, seq, 2 * self.kv_heads, self.head_dim).transpose(1, 2).chunk(2, dim=1)
+        q, k = self._rotate(q), self._rotate(k)
+        repeat = self.heads // self.kv_heads
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.o(y.transpose(1, 2).reshape(batch, seq, width))
+        gate, up = self.gate_up(self.norm2(x)).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up)
+
+
+class SeparableConvBlock(nn.Module):
+    """Depthwise k x k conv + BatchNorm + activation, pointwise 1x1 conv + BatchNorm +
+    activation (MobileNet style)."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, activation: nn.Module):
+        super().__init__()
+        self.depthwise = nn.Conv2d(c_in, c_in, kernel, stride, kernel // 2, groups=c_in, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_in)
+        self.pointwise = nn.Conv2d(c_in, c_out, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.act = activation
+
+    def forward(self, x):
+        return self.act(self.bn2(self.pointwise(self.act(self.bn1(self.depthwise(x))))))
+
+
 def _log_uniform(rng: random.Random, low: int, high: int, multiple: int = 1) -> int:
     value = math.exp(rng.uniform(math.log(low), math.log(high)))
     return max(low, int(round(value / multiple)) * multiple)
@@ -198,8 +254,40 @@ def _elementwise(rng, max_mflops):
     return f"{op} {tokens}x{width}", Elementwise(width, op), torch.randn(1, tokens, width)
 
 
+def _llama_block(rng, max_mflops):
+    while True:
+        heads = rng.choice([2, 4, 8])
+        width = heads * rng.choice([16, 32, 64])
+        kv_heads = rng.choice([h for h in (1, 2, heads) if heads % h == 0])
+        hidden = _log_uniform(rng, 2 * width, 4 * width, 8)
+        batch, seq = rng.choice([1, 1, 2]), _log_uniform(rng, 8, 256)
+        tokens = batch * seq
+        mflops = 2 * tokens * width * (2 * width + 2 * kv_heads * width // heads + 3 * hidden) / 1e6
+        if _fits(mflops, max_mflops):
+            block = LlamaLikeBlock(width, heads, kv_heads, hidden, seq)
+            return (f"llama_block {batch}x{seq}x{width} h{heads}/{kv_heads} mlp{hidden}", block,
+                    torch.randn(batch, seq, width))
+
+
+def _separable_block(rng, max_mflops):
+    while True:
+        c_in, c_out = _log_uniform(rng, 8, 512), _log_uniform(rng, 8, 512)
+        size, kernel, stride = _log_uniform(rng, 4, 112), rng.choice([3, 3, 5]), rng.choice([1, 2])
+        out_size = (size - 1) // stride + 1
+        mflops = 2 * c_in * out_size ** 2 * (kernel ** 2 + c_out) / 1e6
+        if _fits(mflops, max_mflops):
+            activation = rng.choice([nn.ReLU(), nn.ReLU6(), nn.Hardswish()])
+            block = SeparableConvBlock(c_in, c_out, kernel, stride, activation)
+            with torch.no_grad():
+                for norm in (block.bn1, block.bn2):
+                    norm.running_var.uniform_(0.5, 1.5)
+            return (f"separable_block {c_in}->{c_out} k{kernel} s{stride} {size}px "
+                    f"{type(activation).__name__}", block, torch.randn(1, c_in, size, size))
+
+
 SAMPLERS = {"linear": _linear, "matmul": _matmul, "conv": _conv, "attention": _attention,
-            "norm": _norm, "elementwise": _elementwise}
+            "norm": _norm, "elementwise": _elementwise, "llama_block": _llama_block,
+            "separable_block": _separable_block}
 
 
 def layer_space(samples: int = 12, seed: int = 0, families: tuple[str, ...] = FAMILIES,

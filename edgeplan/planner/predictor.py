@@ -22,6 +22,22 @@ by the samples' median ratio, and refits every coefficient from the samples with
 pull towards the rescaled source (ADAPT_RIDGE), so a handful of samples moves the overall
 speed and more samples move individual op kinds.
 
+Size-dependent efficiency. The additive law has one rate per op kind, but a kernel's
+efficiency changes with its size (small matmuls run far below peak; caches matter), as
+nn-Meter found. A residual model corrects it: log(measured / additive) of every training
+unit is remembered at the unit's point in a feature space (log FLOPs, bytes, op count and
+FLOPs per byte, and each op kind's share of the unit's additive time; standardized), and
+a unit is predicted as additive * exp(w * r), r the distance-weighted mean residual of its
+nearest training units, shrunk towards 0 as the unit lies farther from them than
+training units lie from each other. The neighbour count and w are chosen by leave-one-out
+error on the training units, leaving out every unit of the same computation (w = 0
+where neighbours do not predict each other), so
+interpolation between profiled sizes gets sharp, and far from every profiled unit the
+prediction stays the additive law.
+
+Stages. One session run of a stage pays the per-run cost c_run once, not once per unit:
+`predict_stage(parts)` = sum of the parts' predictions - (parts - 1) * c_run.
+
 Fallback. `LearnedCostModel` predicts a (unit, slot) pair from the model for the slot's
 device (by name or preset kind) and backend, if the model has seen every op kind of the
 unit; everything else is costed by the roofline and marked in `CostTables.guessed`.
@@ -49,6 +65,11 @@ MIN_FIT_RECORDS = 3 * len(BASIS)
 # Weight of the pull towards the source model per coefficient, in squared relative errors of
 # one sample: (sigma / tau)^2 for ~10 % sample error and ~50 % spread of a coefficient
 ADAPT_RIDGE = 0.04
+# The residual model: neighbours averaged (before leave-one-out picks), and how far (in
+# multiples of the training units' median nearest-neighbour distance) a unit may lie
+# before its residual is halved.
+RESIDUAL_NEIGHBORS = 4
+RESIDUAL_REACH = 2.0
 
 
 class PredictorError(EdgeplanError):
@@ -115,6 +136,101 @@ def _relative_nnls(x: np.ndarray, y: np.ndarray, prior: np.ndarray | None = None
     return out
 
 
+def residual_features(features: dict[str, float], coef: np.ndarray) -> np.ndarray:
+    """A unit's point in the residual model: its size (log FLOPs, bytes, ops, FLOPs per
+    byte) and what it is made of (each kind's share of its additive-law time)."""
+    values = feature_vector(features)[1:].reshape(len(PREDICTED_KINDS), 3)  # count, flops, bytes
+    ops, flops, moved = values.sum(axis=0)
+    size = [math.log1p(flops), math.log1p(moved), math.log1p(ops),
+            math.log1p(flops / moved) if moved > 0 else 0.0]
+    per_kind = (values * coef[1:].reshape(len(PREDICTED_KINDS), 3)).sum(axis=1)
+    total = per_kind.sum()
+    return np.concatenate([size, per_kind / total if total > 0 else per_kind])
+
+
+@dataclass(frozen=True, eq=False)
+class ResidualModel:
+    """Distance-weighted nearest-neighbour residuals in standardized feature space.
+
+    `neighbors` and `weight` (how much of the local residual to apply, 0 = additive law
+    only) are chosen by leave-one-out error on the training units, so the residual model
+    is used as far as it predicts units it has not seen, and not at all where it does not.
+    """
+
+    coef: np.ndarray        # the additive law's coefficients (for the kind shares)
+    points: np.ndarray      # [N, F] scaled training points
+    residuals: np.ndarray   # [N] log(measured / additive prediction)
+    center: np.ndarray      # [F] mean of the raw points
+    scale: np.ndarray       # [F] multiplier of each raw column (1 / its spread x its weight)
+    reach: float            # distance to the nearest unit at which a residual is halved
+    neighbors: int = RESIDUAL_NEIGHBORS
+    weight: float = 1.0
+
+    @classmethod
+    def fit(cls, coef: np.ndarray, features: Sequence[dict[str, float]],
+            residuals: np.ndarray) -> ResidualModel | None:
+        """None with fewer than 2 * RESIDUAL_NEIGHBORS points (too few to say anything local).
+
+        Leave-one-out picks how much the kind shares count next to the size (0: size
+        only), the neighbour count and the weight of the residual.
+        """
+        if len(features) < 2 * RESIDUAL_NEIGHBORS:
+            return None
+        raw = np.array([residual_features(f, coef) for f in features])
+        residuals = np.asarray(residuals, dtype=float)
+        center, spread = raw.mean(axis=0), raw.std(axis=0)
+        spread[spread < 1e-9] = 1.0
+        size_columns = 4
+        best_error, best = float(np.mean(np.abs(residuals))), None
+        for share_weight in (0.0, 0.3, 1.0):
+            scale = 1.0 / spread
+            scale[size_columns:] *= share_weight
+            points = (raw - center) * scale
+            distances = _distances(points, points)
+            # Leave one computation out: a unit measured twice (the same block twice in a
+            # model) says nothing about units not measured.
+            distances[distances < 1e-9] = np.inf
+            nearest = distances.min(axis=1)
+            positive = nearest[np.isfinite(nearest) & (nearest > 0)]
+            reach = RESIDUAL_REACH * (float(np.median(positive)) if len(positive) else 1.0)
+            model = cls(coef, points, residuals, center, scale, reach)
+            for neighbors in (1, 2, 4, 8):
+                if neighbors >= len(residuals):
+                    break
+                held_out = model._local(distances, neighbors)  # each unit from the others
+                for weight in (0.25, 0.5, 0.75, 1.0):
+                    error = float(np.mean(np.abs(residuals - weight * held_out)))
+                    if error < best_error:
+                        best_error, best = error, (model, neighbors, weight)
+        if best is None:
+            return dataclasses.replace(cls(coef, raw - center, residuals, center, 1.0 / spread, 1.0),
+                                       weight=0.0)
+        model, neighbors, weight = best
+        return dataclasses.replace(model, neighbors=neighbors, weight=weight)
+
+    def _local(self, distances: np.ndarray, neighbors: int) -> np.ndarray:
+        """Shrunk distance-weighted mean residual of each row's nearest points."""
+        nearest = np.argpartition(distances, neighbors - 1, axis=1)[:, :neighbors]
+        d = np.take_along_axis(distances, nearest, axis=1)
+        weights = 1.0 / (d + 1e-6 * self.reach)
+        local = (weights * self.residuals[nearest]).sum(axis=1) / weights.sum(axis=1)
+        # Shrink towards the additive law with the distance to the nearest neighbour.
+        return local / (1.0 + (d.min(axis=1) / self.reach) ** 2)
+
+    def predict(self, features: Sequence[dict[str, float]]) -> np.ndarray:
+        """log correction factor of each unit."""
+        if not len(features):
+            return np.zeros(0)
+        queries = np.array([residual_features(f, self.coef) for f in features])
+        distances = _distances((queries - self.center) * self.scale, self.points)
+        return self.weight * self._local(distances, min(self.neighbors, self.points.shape[0]))
+
+
+def _distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    squared = (a * a).sum(axis=1)[:, None] + (b * b).sum(axis=1)[None, :] - 2.0 * a @ b.T
+    return np.sqrt(np.maximum(squared, 0.0))
+
+
 @dataclass(frozen=True)
 class LatencyModel:
     """A fitted model of one (device, backend): coefficients over BASIS, the kinds it has
@@ -127,21 +243,41 @@ class LatencyModel:
     records: int
     corrections: dict[tuple[float, ...], float] = field(default_factory=dict)
     source: str = ""  # "device/backend" it was adapted from; "" for an own fit
+    residual: ResidualModel | None = None
+
+    @property
+    def run_overhead_s(self) -> float:
+        """c_run: what one session run costs besides its ops."""
+        return float(self.coef[0])
 
     def covers(self, features: dict[str, float]) -> bool:
         return kinds_of(features) <= self.kinds
 
-    def base(self, features: dict[str, float]) -> float:
+    def additive(self, features: dict[str, float]) -> float:
         return float(feature_vector(features) @ self.coef)
 
+    def base_many(self, features: Sequence[dict[str, float]]) -> np.ndarray:
+        """Additive law times the residual correction, before per-computation corrections."""
+        matrix = np.array([feature_vector(f) for f in features]).reshape(-1, len(BASIS))
+        additive = matrix @ self.coef
+        if self.residual is None:
+            return additive
+        return additive * np.exp(self.residual.predict(features))
+
+    def base(self, features: dict[str, float]) -> float:
+        return float(self.base_many([features])[0])
+
     def predict(self, features: dict[str, float]) -> float:
-        """Seconds for one run of a unit (or of a stage's summed features)."""
+        """Seconds for one run of a unit."""
         return self.base(features) * self.corrections.get(_key(features), 1.0)
 
     def predict_many(self, features: Sequence[dict[str, float]]) -> np.ndarray:
-        matrix = np.array([feature_vector(f) for f in features]).reshape(-1, len(BASIS))
         factors = np.array([self.corrections.get(_key(f), 1.0) for f in features])
-        return matrix @ self.coef * factors
+        return self.base_many(features) * factors
+
+    def predict_stage(self, parts: Sequence[dict[str, float]]) -> float:
+        """Seconds for one run of consecutive units as one stage: c_run counted once."""
+        return float(self.predict_many(parts).sum()) - (len(parts) - 1) * self.run_overhead_s
 
 
 def _key(features: dict[str, float]) -> tuple[float, ...]:
@@ -153,11 +289,13 @@ def _remember(model: LatencyModel, records: Sequence[UnitProfile]) -> LatencyMod
     corrections: dict[tuple[float, ...], float] = {}
     for record in records:
         parts = record.parts or (record.features,)
-        base = sum(model.base(part) for part in parts)
+        base = float(model.base_many(parts).sum())
         if base <= 0 or record.median_s <= 0:
             continue
+        # predict_stage subtracts c_run per extra part: the factor makes it hit the record.
+        factor = (record.median_s + (len(parts) - 1) * model.run_overhead_s) / base
         for part in parts:
-            corrections[_key(part)] = record.median_s / base
+            corrections[_key(part)] = factor
     return dataclasses.replace(model, corrections=corrections)
 
 
@@ -171,7 +309,14 @@ def fit_model(records: Sequence[UnitProfile], device: str, backend: str) -> Late
     y = np.array([r.median_s for r in usable])
     coef = _relative_nnls(x, y)
     kinds = frozenset().union(*(kinds_of(r.features) for r in usable))
-    return _remember(LatencyModel(device, backend, coef, kinds, len(usable)), usable)
+    model = LatencyModel(device, backend, coef, kinds, len(usable))
+    # Residuals of unit records only: a stage's summed features are no unit's point.
+    units = [r for r in usable if not r.parts]
+    additive = np.array([model.additive(r.features) for r in units])
+    keep = additive > 0
+    residual = ResidualModel.fit(coef, [r.features for r, k in zip(units, keep) if k],
+                                 np.log(np.array([r.median_s for r in units])[keep] / additive[keep]))
+    return _remember(dataclasses.replace(model, residual=residual), usable)
 
 
 def adapt(source: LatencyModel, samples: Sequence[UnitProfile], device: str, backend: str,
@@ -180,17 +325,23 @@ def adapt(source: LatencyModel, samples: Sequence[UnitProfile], device: str, bac
 
     Scale first (the median measured/predicted ratio), then every coefficient refit as a
     multiple of the scaled source, pulled towards it with weight `ridge` per coefficient.
-    The source's corrections describe its own backend, so they are not carried over.
+    The source's residual model (how efficiency changes with size) is carried over and the
+    coefficients are fitted to what it leaves; its corrections describe its own backend,
+    so they are not.
     """
     samples = [r for r in samples if r.median_s > 0]
     coef = source.coef * prior_scale
     if samples:
         x = np.array([feature_vector(r.features) for r in samples])
-        y = np.array([r.median_s for r in samples])
+        # The part of each sample's time the additive law must explain.
+        efficiency = np.array([
+            source.base_many(parts).sum() / sum(source.additive(p) for p in parts)
+            for parts in (r.parts or (r.features,) for r in samples)])
+        y = np.array([r.median_s for r in samples]) / efficiency
         scale = float(np.exp(np.median(np.log(y / (x @ source.coef)))))
         coef = _relative_nnls(x, y, prior=source.coef * scale, ridge=ridge)
     model = LatencyModel(device, backend, coef, source.kinds, len(samples),
-                         source=f"{source.device}/{source.backend}")
+                         source=f"{source.device}/{source.backend}", residual=source.residual)
     return _remember(model, samples)
 
 
@@ -289,9 +440,12 @@ __all__ = [
     "MIN_FIT_RECORDS",
     "Predictor",
     "PredictorError",
+    "RESIDUAL_NEIGHBORS",
+    "ResidualModel",
     "adapt",
     "feature_vector",
     "fit_model",
     "learned_cost_model",
     "nnls",
+    "residual_features",
 ]
