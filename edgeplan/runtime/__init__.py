@@ -6,5 +6,7 @@
 
 from edgeplan.runtime.manifest import Manifest, read_manifest
 from edgeplan.runtime.pipeline import Pipeline, RunStats, latest_run, load, record_run
+from edgeplan.runtime.weights import WeightStore
 
-__all__ = ["Manifest", "Pipeline", "RunStats", "latest_run", "load", "read_manifest", "record_run"]
+__all__ = ["Manifest", "Pipeline", "RunStats", "WeightStore", "latest_run", "load", "read_manifest",
+           "record_run"]

@@ -52,6 +52,7 @@ from edgeplan.runtime.manifest import (
     Manifest,
     artifact_path,
     read_manifest,
+    weights_path,
 )
 from edgeplan.runtime.pipeline import RunStats, gather_outputs, split_batch
 from edgeplan.runtime.wire import (
@@ -159,6 +160,9 @@ def deploy(directory: str | Path, fleet, token_file: str | Path, timeout_s: floa
                 stage = manifest.stages[k]
                 client.upload(deployment, stage.artifact.path, stage.artifact.sha256,
                               artifact_path(directory, stage), timeout_s)
+                if stage.artifact.weights is not None:
+                    client.upload(deployment, stage.artifact.weights.path, stage.artifact.weights.sha256,
+                                  weights_path(directory, stage), timeout_s)
         owner = {k: p for p in placements for k in p.stages}
         for placement, client in reversed(list(zip(placements, clients))):
             hops = {str(k): {"device": owner[k + 1].device, "address": owner[k + 1].address}

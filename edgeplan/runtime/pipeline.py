@@ -34,6 +34,7 @@ from edgeplan.runtime.manifest import (
     read_manifest,
 )
 from edgeplan.runtime.session import StageSession, open_session
+from edgeplan.runtime.weights import WeightStore
 
 QUEUE_DEPTH = 2
 _DONE = object()
@@ -187,13 +188,15 @@ class Pipeline:
     """Compiled stages, ready to run: `run({"input_ids": ids}) -> {"logits": ...}`."""
 
     def __init__(self, directory: str | Path, threads_per_stage: int | None = None,
-                 emulate_links: bool = False):
+                 emulate_links: bool = False, weights: WeightStore | None = None):
         self.directory = Path(directory)
         self.manifest: Manifest = read_manifest(self.directory)
         if threads_per_stage is None:
             threads_per_stage = max(1, (os.cpu_count() or 1) // len(self.manifest.stages))
         self.threads_per_stage = threads_per_stage
-        self.sessions = [open_session(self.directory, stage, threads_per_stage)
+        self.weights = WeightStore() if weights is None else weights
+        self.weights.expect(self.directory, self.manifest.stages)
+        self.sessions = [open_session(self.directory, stage, threads_per_stage, self.weights)
                          for stage in self.manifest.stages]
         self.steps: list = []
         for session in self.sessions:
@@ -270,12 +273,14 @@ def _require_link(stage: StageEntry) -> LinkEntry:
 
 
 def load(directory: str | Path, threads_per_stage: int | None = None,
-         emulate_links: bool = False) -> Pipeline:
+         emulate_links: bool = False, weights: WeightStore | None = None) -> Pipeline:
     """Load a compiled model directory (verifying artifact hashes) into a runnable Pipeline.
 
     With `emulate_links`, messages between stages are delayed as the planned links would.
+    `weights`: a WeightStore to share weights with other pipelines, or to choose its
+    `prepacking` (runtime/weights.py); by default each pipeline has its own, "auto".
     """
-    return Pipeline(directory, threads_per_stage, emulate_links)
+    return Pipeline(directory, threads_per_stage, emulate_links, weights)
 
 
-__all__ = ["Pipeline", "RunStats", "TensorEntry", "load"]
+__all__ = ["Pipeline", "RunStats", "TensorEntry", "WeightStore", "load"]

@@ -14,16 +14,19 @@ import numpy as np
 
 from edgeplan.errors import ArtifactError, StageError
 from edgeplan.runtime.manifest import StageEntry, verify_artifact
+from edgeplan.runtime.weights import WeightStore
 
 CPU_PROVIDER = "CPUExecutionProvider"
 
 
-def open_session(directory: str | Path, stage: StageEntry, threads: int = 0):
+def open_session(directory: str | Path, stage: StageEntry, threads: int = 0,
+                 weights: WeightStore | None = None):
     """The session for a stage's artifact kind: ONNX Runtime for "onnx", the TVM Relax VM
-    for "tvm" (runtime/tvm_session.py; tvm is imported only then)."""
+    for "tvm" (runtime/tvm_session.py; tvm is imported only then). ONNX sessions given the
+    same `weights` store hold each distinct weight once (runtime/weights.py)."""
     kind = stage.artifact.format
     if kind == "onnx":
-        return StageSession(directory, stage, threads)
+        return StageSession(directory, stage, threads, weights)
     if kind == "tvm":
         from edgeplan.runtime.tvm_session import TvmStageSession
 
@@ -33,10 +36,14 @@ def open_session(directory: str | Path, stage: StageEntry, threads: int = 0):
 
 
 class StageSession:
-    def __init__(self, directory: str | Path, stage: StageEntry, threads: int = 0):
+    def __init__(self, directory: str | Path, stage: StageEntry, threads: int = 0,
+                 weights: WeightStore | None = None):
         import onnxruntime as ort
 
         self.stage = stage
+        if weights is None:
+            weights = WeightStore()
+            weights.expect(directory, [stage])
         path = verify_artifact(Path(directory), stage)
         available = set(ort.get_available_providers())
         wanted = [p for p in stage.execution_providers if p in available]
@@ -45,6 +52,12 @@ class StageSession:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        self.prepacked = weights.prepacks(stage)
+        if not self.prepacked:
+            options.add_session_config_entry("session.disable_prepacking", "1")
+            for name, value in weights.initializers(Path(directory), stage).items():
+                options.add_initializer(name, value)
+        self._weights = weights  # the session reads the store's buffers: they live as long
         try:
             self._session = ort.InferenceSession(str(path), options, providers=list(self.providers))
         except Exception as exc:  # onnxruntime raises its own exception types per failure

@@ -50,6 +50,7 @@ from edgeplan.errors import EdgeplanError, RemoteError
 from edgeplan.runtime.manifest import MANIFEST_FILE, Manifest, read_manifest
 from edgeplan.runtime.pipeline import StageStep
 from edgeplan.runtime.session import open_session
+from edgeplan.runtime.weights import WeightStore
 from edgeplan.runtime.wire import (
     CHANNEL_OPTIONS,
     HEALTH_TIMEOUT_S,
@@ -273,12 +274,16 @@ class Worker:
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
                            f"configure: stages {stages} are not all in the manifest's 0..{count - 1}")
         steps = {}
+        weights = WeightStore()  # this device's stages hold each distinct weight once
+        weights.expect(folder, [manifest.stages[k] for k in stages])
         for k in stages:
             entry = manifest.stages[k]
-            if not _PLAIN_NAME.match(entry.artifact.path):
-                raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"stage {k}: artifact path {entry.artifact.path!r} is not a plain file name")
-            steps[k] = StageStep(open_session(folder, entry, self.threads), last=k == count - 1)
+            files = [entry.artifact.path] + ([entry.artifact.weights.path] if entry.artifact.weights else [])
+            for name in files:
+                if not _PLAIN_NAME.match(name):
+                    raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"stage {k}: artifact path {name!r} is not a plain file name")
+            steps[k] = StageStep(open_session(folder, entry, self.threads, weights), last=k == count - 1)
         hops = {}
         try:
             for k in stages:

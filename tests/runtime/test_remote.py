@@ -162,7 +162,7 @@ def test_deploy_and_run_match_the_local_pipeline_bitwise(compiled, fleet_file, t
 def test_boundary_codecs_are_applied_remotely_as_locally(compiled, fleet_file, token_file, tmp_path):
     out = tmp_path / "coded"
     out.mkdir()
-    for path in compiled.glob("stage_*.onnx"):
+    for path in compiled.glob("stage_*"):  # the .onnx and its .weights
         (out / path.name).write_bytes(path.read_bytes())
     manifest = read_manifest(compiled)
     codecs = ("int8+zstd", "fp16")
@@ -313,7 +313,7 @@ def test_redeploy_over_a_running_deployment_is_reported(compiled, fleet_file, to
     deploy(compiled, fleet_file, token_file)
     other = tmp_path / "other"
     other.mkdir()
-    for path in compiled.glob("stage_*.onnx"):
+    for path in compiled.glob("stage_*"):  # the .onnx and its .weights
         (other / path.name).write_bytes(path.read_bytes())
     manifest = read_manifest(compiled)
     write_manifest(dataclasses.replace(manifest, model="other"), other)
