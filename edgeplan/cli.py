@@ -150,7 +150,9 @@ def cmd_run(args) -> int:
 
         pipe = connect(args.directory, token_file=args.token_file, timeout_s=args.timeout, tls=_tls(args))
     else:
-        pipe = load(args.directory, emulate_links=args.emulate_links)
+        from edgeplan.runtime import WeightStore
+
+        pipe = load(args.directory, emulate_links=args.emulate_links, weights=WeightStore(args.prepacking))
     try:
         with np.load(args.inputs) as archive:
             inputs = {name: archive[name] for name in archive.files}
@@ -370,6 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
     run_parser.add_argument("-o", "--output", default=None, help="outputs .npz (default DIR/outputs.npz)")
     run_parser.add_argument("--emulate-links", action="store_true",
                             help="delay boundaries as the planned links would (timings are emulated)")
+    run_parser.add_argument("--prepacking", choices=("auto", "on", "off"), default="auto",
+                            help="ONNX Runtime weight prepacking: on is fastest, off holds each weight "
+                                 "once across stages; auto turns it off only for stages with shared "
+                                 "weights (default)")
     run_parser.add_argument("--remote", action="store_true",
                             help="run on the workers `edgeplan deploy` set up (DIR/deployment.json)")
     run_parser.add_argument("--token-file", default=None,
