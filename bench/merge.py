@@ -11,13 +11,17 @@ weights rather than ONNX Runtime's own overhead dominate resident memory. Rows:
 
 Columns: distinct parameter bytes (the planner's count) and the bytes of the ONNX
 initializers written; resident memory (VmRSS) of a fresh process that loads every stage
-session of the row and runs one microbatch, median of --repeats processes, in total and
-above the same process before any session (onnxruntime imported); per-model accuracy
+session of the row (one WeightStore, every directory announced, --prepacking auto by
+default: runtime/weights.py) and runs one microbatch, median of --repeats processes, in
+total and above the same process before any session (onnxruntime imported), and the
+anonymous part of that (RssAnon: weights and session state, without the ~9 MB of ONNX
+Runtime's own code that the first session pages in); per-model accuracy
 measured through the compiled runtime on the first 352 test images; merges kept and
 rejected; seconds spent retraining. Every row is compiled for the home-lab fleet as one
 stage (one edge box running all models).
 
     python bench/merge.py [--repeats 5] [--epochs 2] [--workloads digits digits-wide]
+                          [--prepacking auto|on|off] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -41,36 +45,45 @@ import digits  # noqa: E402
 
 import edgeplan  # noqa: E402
 from edgeplan.passes.merge import distinct_param_bytes, text_progress  # noqa: E402
+from edgeplan.runtime.weights import PREPACKING  # noqa: E402
 
 MEASURE = r"""
 import json, sys
 import numpy as np
 import onnxruntime  # noqa: F401  (part of the baseline)
-from edgeplan.runtime import load
+from edgeplan.runtime import WeightStore, load
 
 def rss_kb():
     with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+        fields = dict(line.split(":", 1) for line in status)
+    return {key: int(fields[key].split()[0]) for key in ("VmRSS", "RssAnon")}
 
 before = rss_kb()
-pipes = [load(d, threads_per_stage=1) for d in sys.argv[1:]]
+store = WeightStore(sys.argv[1])  # one store: a weight held by several models is held once
+for directory in sys.argv[2:]:
+    store.expect(directory)
+pipes = [load(d, threads_per_stage=1, weights=store) for d in sys.argv[2:]]
 for pipe in pipes:
     pipe.run({t.name: np.zeros(t.shape, t.dtype) for t in pipe.manifest.inputs})
-print(json.dumps({"before_kb": before, "loaded_kb": rss_kb()}))
+after = rss_kb()
+print(json.dumps({"before_kb": before["VmRSS"], "loaded_kb": after["VmRSS"],
+                  "anon_kb": after["RssAnon"] - before["RssAnon"]}))
 """
 TEST_IMAGES = 352  # 44 microbatches of 8
 
 
-def resident_kb(directories: list[Path], repeats: int) -> tuple[float, float]:
-    """Median VmRSS (total, above the baseline) in kB over `repeats` fresh processes."""
-    totals, above = [], []
+def resident_kb(directories: list[Path], repeats: int, prepacking: str) -> tuple[float, float, float]:
+    """Median VmRSS (total, above the baseline) and RssAnon above the baseline, in kB, over
+    `repeats` fresh processes."""
+    totals, above, anon = [], [], []
     for _ in range(repeats):
-        result = subprocess.run([sys.executable, "-c", MEASURE, *map(str, directories)],
+        result = subprocess.run([sys.executable, "-c", MEASURE, prepacking, *map(str, directories)],
                                 capture_output=True, text=True, check=True)
         data = json.loads(result.stdout.strip().splitlines()[-1])
         totals.append(data["loaded_kb"])
         above.append(data["loaded_kb"] - data["before_kb"])
-    return statistics.median(totals), statistics.median(above)
+        anon.append(data["anon_kb"])
+    return statistics.median(totals), statistics.median(above), statistics.median(anon)
 
 
 def initializer_bytes(directories: list[Path]) -> int:
@@ -107,6 +120,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="processes per memory measurement")
     parser.add_argument("--epochs", type=int, default=2, help="joint fine-tuning epochs per merge")
     parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
+    parser.add_argument("--prepacking", choices=PREPACKING, default="auto",
+                        help="ONNX Runtime weight prepacking in the memory measurement (runtime/weights.py)")
+    parser.add_argument("--keep", type=Path, help="write the compiled rows here instead of a temporary folder")
     args = parser.parse_args()
     started = time.perf_counter()
     data = digits.load_data()
@@ -128,7 +144,7 @@ def bench_workload(workload_name: str, hidden: tuple[int, int], data, args):
 
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
-        scratch = Path(scratch)
+        scratch = Path(scratch) if args.keep is None else args.keep / workload_name
         single = {}
         for name, (model, inputs) in workload.items():
             single[name] = scratch / f"unmerged-{name}"
@@ -143,17 +159,17 @@ def bench_workload(workload_name: str, hidden: tuple[int, int], data, args):
                             report if label == "gemel" else None))
         for label, directories, params, merge_report in configs:
             unique = list(dict.fromkeys(directories.values()))
-            total_kb, above_kb = resident_kb(unique, args.repeats)
+            total_kb, above_kb, anon_kb = resident_kb(unique, args.repeats, args.prepacking)
             rows.append(dict(label=label, params=params, stored=initializer_bytes(unique),
-                             total_kb=total_kb, above_kb=above_kb,
+                             total_kb=total_kb, above_kb=above_kb, anon_kb=anon_kb,
                              accuracy=runtime_accuracy(directories, data), report=merge_report))
 
     base = rows[0]
     print(f"\nworkload {workload_name} (hidden {hidden}): 4 models ({', '.join(workload)}), home-lab fleet, one stage; "
-          f"RSS median of {args.repeats} fresh processes; accuracy via the ONNX runtime on "
-          f"{TEST_IMAGES} test images")
+          f"RSS median of {args.repeats} fresh processes, prepacking {args.prepacking}; accuracy via the "
+          f"ONNX runtime on {TEST_IMAGES} test images")
     header = (f"{'row':<9} {'params MB':>9} {'ONNX MB':>8} {'less':>6} {'RSS MB':>7} "
-              f"{'RSS-base MB':>11} {'less':>6}  {'accuracy (before -> after)':<58} "
+              f"{'RSS-base MB':>11} {'less':>6} {'anon MB':>7} {'less':>6}  {'accuracy (before -> after)':<58} "
               f"{'kept':>4} {'rejected':>8} {'retrain s':>9}")
     print(header)
     print("-" * len(header))
@@ -165,7 +181,8 @@ def bench_workload(workload_name: str, hidden: tuple[int, int], data, args):
         retrain = f"{merge_report.retrain_s:.1f}" if merge_report else "-"
         print(f"{row['label']:<9} {row['params'] / 1e6:>9.3f} {row['stored'] / 1e6:>8.3f} "
               f"{1 - row['params'] / base['params']:>6.1%} {row['total_kb'] / 1e3:>7.1f} "
-              f"{row['above_kb'] / 1e3:>11.1f} {1 - row['above_kb'] / base['above_kb']:>6.1%}  "
+              f"{row['above_kb'] / 1e3:>11.1f} {1 - row['above_kb'] / base['above_kb']:>6.1%} "
+              f"{row['anon_kb'] / 1e3:>7.1f} {1 - row['anon_kb'] / base['anon_kb']:>6.1%}  "
               f"{accuracy:<58} {kept:>4} {rejected:>8} {retrain:>9}")
     worst = min(row["accuracy"][n] / base["accuracy"][n] for n in workload for row in rows[-1:])
     print(f"\ngoal: >= 60% less memory with every model >= 99% of its unmerged accuracy: gemel saves "

@@ -6,15 +6,17 @@ Runtime can load such a stage in two ways, measured on a 9.5 MB stage (bench/mer
 
 - Prepacking (ORT's default): ORT reads the weights file itself and repacks each matrix
   operand into the layout its GEMM kernels want, then drops the original: every weight is
-  held once per session, but once per *reading node*: a weight read by k Gemm nodes (a
-  merged layer whose models take different inputs) is held k times, and equal weights in
-  two sessions twice. The Python API has no shared prepacked-weights container to fix this.
+  held once per session, so equal weights in two sessions twice, and a weight read by
+  several Gemm nodes (a merged layer whose models take different inputs) can be packed
+  once per node (probed: +8 MB per extra reader of an 8 MB weight in a hand-built graph,
+  though not in every exported one). The Python API has no shared prepacked-weights
+  container to fix this.
 - Shared (prepacking off): the store reads each distinct weight (keyed by sha256, dtype
   and shape) into one numpy array and hands the same OrtValue to every session that names
   it (`SessionOptions.add_initializer`: ORT uses the buffer without copying), so a weight
   is held once per process however many nodes and sessions read it. GEMM then packs on
-  the fly at every run: about 2x slower at batch 8, and results differ from the prepacked
-  kernels in the last bits (about 2e-8).
+  the fly at every run: 1.3-2x slower at batch 8 (measured on digits stages), and results
+  differ from the prepacked kernels in the last bits (about 2e-8).
 
 `prepacking` picks: "on" (always prepack), "off" (always share), or "auto" (the default):
 share for a stage that holds a weight read by more than one node, or by another stage
