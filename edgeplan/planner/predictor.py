@@ -29,11 +29,12 @@ unit is remembered at the unit's point in a feature space (log FLOPs, bytes, op 
 FLOPs per byte, and each op kind's share of the unit's additive time; standardized), and
 a unit is predicted as additive * exp(w * r), r the distance-weighted mean residual of its
 nearest training units, shrunk towards 0 as the unit lies farther from them than
-training units lie from each other. The neighbour count and w are chosen by leave-one-out
-error on the training units, leaving out every unit of the same computation (w = 0
-where neighbours do not predict each other), so
-interpolation between profiled sizes gets sharp, and far from every profiled unit the
-prediction stays the additive law.
+training units lie from each other. The neighbour count, the weight of the kind shares
+in the distance and w are chosen by leave-one-model-out error on the training units: each
+unit predicted from the units of other models only, as a model never profiled will be
+(w = 0 where other models' residuals do not predict a model's units). Interpolation
+between profiled sizes gets sharper, and far from every profiled unit the prediction
+stays the additive law.
 
 Stages. One session run of a stage pays the per-run cost c_run once, not once per unit:
 `predict_stage(parts)` = sum of the parts' predictions - (parts - 1) * c_run.
@@ -65,7 +66,7 @@ MIN_FIT_RECORDS = 3 * len(BASIS)
 # Weight of the pull towards the source model per coefficient, in squared relative errors of
 # one sample: (sigma / tau)^2 for ~10 % sample error and ~50 % spread of a coefficient
 ADAPT_RIDGE = 0.04
-# The residual model: neighbours averaged (before leave-one-out picks), and how far (in
+# The residual model: neighbours averaged (before leave-one-model-out picks), and how far (in
 # multiples of the training units' median nearest-neighbour distance) a unit may lie
 # before its residual is halved.
 RESIDUAL_NEIGHBORS = 4
@@ -153,8 +154,9 @@ class ResidualModel:
     """Distance-weighted nearest-neighbour residuals in standardized feature space.
 
     `neighbors` and `weight` (how much of the local residual to apply, 0 = additive law
-    only) are chosen by leave-one-out error on the training units, so the residual model
-    is used as far as it predicts units it has not seen, and not at all where it does not.
+    only) are chosen by leave-one-model-out error on the training units, so the residual
+    model is used as far as it predicts models it has not seen, and not at all where it
+    does not.
     """
 
     coef: np.ndarray        # the additive law's coefficients (for the kind shares)
@@ -168,11 +170,13 @@ class ResidualModel:
 
     @classmethod
     def fit(cls, coef: np.ndarray, features: Sequence[dict[str, float]],
-            residuals: np.ndarray) -> ResidualModel | None:
+            residuals: np.ndarray, groups: Sequence[str] | None = None) -> ResidualModel | None:
         """None with fewer than 2 * RESIDUAL_NEIGHBORS points (too few to say anything local).
 
-        Leave-one-out picks how much the kind shares count next to the size (0: size
-        only), the neighbour count and the weight of the residual.
+        Leave-one-group-out (`groups`: the model each unit comes from; default: each unit
+        its own group) picks how much the kind shares count next to the size (0: size
+        only), the neighbour count and the weight of the residual: each unit is predicted
+        from the units of other models only, as a model never profiled will be.
         """
         if len(features) < 2 * RESIDUAL_NEIGHBORS:
             return None
@@ -181,21 +185,23 @@ class ResidualModel:
         center, spread = raw.mean(axis=0), raw.std(axis=0)
         spread[spread < 1e-9] = 1.0
         size_columns = 4
+        labels = np.array(list(groups) if groups is not None else range(len(residuals)), dtype=object)
+        same_group = labels[:, None] == labels[None, :]
         best_error, best = float(np.mean(np.abs(residuals))), None
         for share_weight in (0.0, 0.3, 1.0):
             scale = 1.0 / spread
             scale[size_columns:] *= share_weight
             points = (raw - center) * scale
             distances = _distances(points, points)
-            # Leave one computation out: a unit measured twice (the same block twice in a
-            # model) says nothing about units not measured.
-            distances[distances < 1e-9] = np.inf
+            # Leave out the unit's own group, and every unit of the same computation (a
+            # block measured twice says nothing about units not measured).
+            distances[same_group | (distances < 1e-9)] = np.inf
             nearest = distances.min(axis=1)
             positive = nearest[np.isfinite(nearest) & (nearest > 0)]
             reach = RESIDUAL_REACH * (float(np.median(positive)) if len(positive) else 1.0)
             model = cls(coef, points, residuals, center, scale, reach)
             for neighbors in (1, 2, 4, 8):
-                if neighbors >= len(residuals):
+                if neighbors > int(np.isfinite(distances).sum(axis=1).min()):
                     break
                 held_out = model._local(distances, neighbors)  # each unit from the others
                 for weight in (0.25, 0.5, 0.75, 1.0):
@@ -315,7 +321,8 @@ def fit_model(records: Sequence[UnitProfile], device: str, backend: str) -> Late
     additive = np.array([model.additive(r.features) for r in units])
     keep = additive > 0
     residual = ResidualModel.fit(coef, [r.features for r, k in zip(units, keep) if k],
-                                 np.log(np.array([r.median_s for r in units])[keep] / additive[keep]))
+                                 np.log(np.array([r.median_s for r in units])[keep] / additive[keep]),
+                                 groups=[r.model for r, k in zip(units, keep) if k])
     return _remember(dataclasses.replace(model, residual=residual), usable)
 
 

@@ -118,9 +118,9 @@ def size_dependent_records(count, seed, efficiency_knee=3e6):
     """The known law of TRUE_COEF, slowed down for small units: a unit of F FLOPs runs at
     1 / (1 + knee / F) of the law's speed (kernels far below peak when small)."""
     records = synthetic_records(count, seed, noise=0.02, kinds=("matmul", "elementwise", "norm"))
-    return [UnitProfile(**{**r.__dict__, "median_s": r.median_s * (
+    return [UnitProfile(**{**r.__dict__, "model": f"model{i % 40}", "median_s": r.median_s * (
         1 + efficiency_knee / sum(r.features.get(f"{k}_flops", 0.0) for k in PREDICTED_KINDS))})
-        for r in records]
+        for i, r in enumerate(records)]
 
 
 def test_residual_model_follows_size_dependent_efficiency():
@@ -156,9 +156,15 @@ def test_depthwise_conv_is_its_own_kind():
     assert features["depthwise_flops"] == 2 * 8 * 8 * 8 * 9
 
 
-def test_residual_model_needs_a_few_units():
+def test_residual_model_needs_a_few_units_and_other_models():
     assert fit_model(synthetic_records(5, seed=13), "host", "cpu1").residual is None
-    assert fit_model(synthetic_records(50, seed=13), "host", "cpu1").residual is not None
+    residual = fit_model(size_dependent_records(200, seed=13), "host", "cpu1").residual
+    assert residual is not None and residual.weight > 0
+    # units of one model only: leave-one-model-out has nothing to predict from, weight 0
+    one_model = [UnitProfile(**{**r.__dict__, "model": "only"}) for r in size_dependent_records(200, seed=13)]
+    residual = fit_model(one_model, "host", "cpu1").residual
+    assert residual is not None and residual.weight == 0.0
+    assert np.all(residual.predict([r.features for r in one_model[:5]]) == 0.0)
 
 
 def test_adaptation_improves_with_samples():
