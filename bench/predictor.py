@@ -8,15 +8,19 @@ One run, in order:
    ONNX Runtime CPU with 1 and 2 threads (`profile_units`: warm-up, repeats, median).
 2. Held out (never in the store): HF GPT-2 and HF LLaMA built from configs
    (examples/gpt2_hf.py, examples/llama_hf.py) and a depthwise-separable CNN defined here
-   (the zoo has only dense-conv ResNets), each at two sizes. Measured per unit, and per
+   (the zoo's CNNs are dense-conv ResNets; the layer space has its own LLaMA-style and
+   separable blocks at sampled shapes), each at two sizes. Measured per unit, and per
    stage for splits into 1 to 4 stages balanced on the learned prediction, every stage
    exported as one ONNX file and timed exactly like the training data (same threads,
    same session settings, same statistics).
-3. The table: median |error| and share within +-10 % of roofline (the `host` device
-   preset's figures) and of the learned predictor, per unit and per stage, per backend.
-4. Adaptation: a predictor trained on one backend only, moved to the other from k = 0, 5,
+3. The noise floor: the held-out units timed once more after everything else, median
+   |run 1 / run 2 - 1|; no predictor can be judged below it.
+4. The table: median |error| and share within +-10 % of roofline (the `host` device
+   preset's figures), of the additive law alone and of the learned predictor (additive x
+   residual model), per unit and per stage, per backend.
+5. Adaptation: a predictor trained on one backend only, moved to the other from k = 0, 5,
    10, 20 random samples of the other's training records (median over 10 draws).
-5. The predictor's cost: per predicted unit, and costing every unit of a LLaMA-7B-shaped
+6. The predictor's cost: per predicted unit, and costing every unit of a LLaMA-7B-shaped
    model (meta tensors) on the host fleet.
 
 Timings drift 20-30 % between runs on a shared 2-vCPU VM: training and evaluation are
