@@ -242,10 +242,10 @@ def _plane_width(base: str, dtype: np.dtype) -> int:
     return 1
 
 
-def _pack_lossless(body, width: int) -> bytes:
-    """The zstd stage: one frame, or (width 2, 4) byte planes with only the top one compressed."""
+def _pack_lossless(body, width: int) -> tuple[bytes, ...]:
+    """The zstd stage's parts: one frame, or (width 2, 4) the byte-plane frames (module doc)."""
     if width == 1:
-        return _compress(body)
+        return (_compress(body),)
     words = np.frombuffer(body, np.uint8)
     n = words.size // width
     top = _compress(words[width - 1::width].copy())
@@ -255,7 +255,7 @@ def _pack_lossless(body, width: int) -> bytes:
         low[2 * n:] = words[2::4]
     else:
         low[:] = words[0::2]
-    return b"".join((struct.pack("<I", len(top)), top, _compress(low, stored=True)))
+    return struct.pack("<I", len(top)), top, _compress(low, stored=True)
 
 
 def _unpack_lossless(stored, out: np.ndarray, width: int) -> None:
@@ -373,13 +373,10 @@ def _header(codec: str, lossless, arr: np.ndarray, axis, nscale: int, sdtype,
 def _finish(codec: str, lossless, arr, axis, nscale, sdtype, body) -> bytes:
     """Header + body, the body through the lossless stage if one is asked for."""
     rawbytes = len(body) if isinstance(body, (bytes, bytearray)) else body.nbytes
-    if lossless == "zstd":
-        body = _pack_lossless(body, _plane_width(codec, arr.dtype))
-        nbytes = len(body)
-    else:
-        nbytes = rawbytes
-    return b"".join((_header(codec, lossless, arr, axis, nscale, sdtype, nbytes, rawbytes),
-                     body))
+    parts = _pack_lossless(body, _plane_width(codec, arr.dtype)) if lossless == "zstd" else (body,)
+    nbytes = sum(len(part) if isinstance(part, bytes) else part.nbytes for part in parts)
+    # one join: every extra copy of a large payload costs as much as a codec pass
+    return b"".join((_header(codec, lossless, arr, axis, nscale, sdtype, nbytes, rawbytes), *parts))
 
 
 def _raw_body(arr: np.ndarray) -> np.ndarray:
