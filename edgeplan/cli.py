@@ -339,8 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="stage artifacts: ONNX (default), TVM libraries, or auto: time "
                                      "both per stage on this host and keep the faster (needs the tvm extra)")
     compile_parser.add_argument("--tvm-target", default="host",
-                                help="TVM target: host, aarch64, cuda, opencl, vulkan, or a TVM target "
-                                     "as JSON (default host)")
+                                help="TVM target: host, aarch64, cuda, opencl, vulkan, a TVM target "
+                                     "as JSON, or fleet (each stage for its backend's tvm_target; "
+                                     "the ARM presets say aarch64) (default host)")
     compile_parser.add_argument("--tvm-schedule", choices=["none", "dlight", "metaschedule"],
                                 default="dlight", help="how TVM kernels are scheduled (default dlight)")
     compile_parser.add_argument("--tvm-trials", type=int, default=64,

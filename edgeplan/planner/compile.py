@@ -58,7 +58,7 @@ from edgeplan.runtime.manifest import (
 )
 from edgeplan.runtime.session import open_session
 from edgeplan.targets.onnx import OnnxTarget
-from edgeplan.targets.tvm import TvmTarget, is_host, resolve_target
+from edgeplan.targets.tvm import FLEET_TARGETS, TvmTarget, is_host, resolve_target
 
 
 @dataclass(frozen=True)
@@ -278,7 +278,7 @@ def emit_stages(gm, plan: Plan, units, fleet: Fleet, example_inputs, out_dir: Pa
     if targets not in ("onnx", "tvm", "auto"):
         raise ArtifactError(f"emit: targets {targets!r} is unknown; use 'onnx', 'tvm' or 'auto'")
     tvm = tvm or TvmTarget()
-    if targets == "auto" and not is_host(resolve_target(tvm.target)):
+    if targets == "auto" and tvm.target != FLEET_TARGETS and not is_host(resolve_target(tvm.target)):
         raise ArtifactError(
             f"emit: --targets auto times both runtimes on this machine, so it needs the host TVM "
             f"target, not {tvm.target!r}; use --targets tvm to build for that device")
@@ -311,10 +311,11 @@ def emit_stages(gm, plan: Plan, units, fleet: Fleet, example_inputs, out_dir: Pa
         )
         if verify:
             entry = dataclasses.replace(entry, verified_max_abs_error=_verify(out_dir, entry, env))
-        if targets != "onnx":
+        stage_tvm = _stage_tvm(tvm, fleet, stage, targets)
+        if targets != "onnx" and stage_tvm is not None:
             if tvm.progress is not None:
                 tvm.progress(stage.index, len(plan.stages), f"tvm stage {stage.index}")
-            entry, stage = _emit_tvm(out_dir, entry, stage, env, targets, tvm, verify)
+            entry, stage = _emit_tvm(out_dir, entry, stage, env, targets, stage_tvm, verify)
         entries.append(entry)
         stages.append(stage)
     if targets != "onnx" and tvm.progress is not None:
@@ -329,6 +330,28 @@ def emit_stages(gm, plan: Plan, units, fleet: Fleet, example_inputs, out_dir: Pa
         stages=tuple(entries),
     )
     return manifest, tuple(stages)
+
+
+def _stage_tvm(tvm: TvmTarget, fleet: Fleet, stage: Stage, targets: str) -> TvmTarget | None:
+    """The TVM build of one stage, None for none. With the target "fleet", each stage is
+    built for its backend's `tvm_target` (a cpu backend without one: this machine's llvm);
+    "tvm" refuses a gpu/npu backend without one, "auto" keeps ONNX Runtime on every stage
+    whose target cannot run here, since it can time only what runs on this machine."""
+    if tvm.target != FLEET_TARGETS:
+        return tvm
+    backend = fleet.device(stage.device).backend(stage.backend)
+    wanted = backend.tvm_target or ("host" if backend.kind == "cpu" else None)
+    if wanted is None:
+        if targets == "tvm":
+            raise ArtifactError(
+                f"tvm target: stage {stage.index} runs on {stage.device}/{stage.backend}, a "
+                f"{backend.kind} backend whose fleet entry has no tvm_target; set tvm_target "
+                f'(e.g. "cuda" or "opencl") on that backend in the fleet file, or compile with '
+                f"--targets auto (keeps ONNX Runtime there) or --targets onnx")
+        return None
+    if targets == "auto" and not is_host(resolve_target(wanted)):
+        return None
+    return dataclasses.replace(tvm, target=wanted)
 
 
 TIMING_WARMUP, TIMING_REPEATS = 3, 15

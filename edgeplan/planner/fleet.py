@@ -59,8 +59,11 @@ Top level: `name` (required), `default_link`, `[[device]]` (at least one), `[[li
 
 `[[device.backend]]` keys: name, kind ("cpu" | "gpu" | "npu"), peak_gflops (dense fp32
 GFLOP/s), mem_bandwidth_gbs (GB/s) are required; op_overhead_us (default 5),
-efficiency (achievable fraction of peak, default 0.5) and execution_providers (ONNX Runtime
-EPs in preference order, default ["CPUExecutionProvider"]) are optional.
+efficiency (achievable fraction of peak, default 0.5), execution_providers (ONNX Runtime
+EPs in preference order, default ["CPUExecutionProvider"]) and tvm_target (what `--targets
+tvm` builds this backend's stages for: a name of edgeplan.targets.tvm.TARGETS such as
+"aarch64", or a TVM target as JSON; default: none, which means this machine's llvm for a
+cpu backend and no TVM build for a gpu or npu) are optional.
 
 `[[link]]` keys: a, b (device names), bandwidth_mbps (or bandwidth_bytes_s), latency_ms (or
 latency_s), or `preset` = "gigabit-ethernet" | "wifi-5" | "wifi-6" with optional overrides.
@@ -208,6 +211,7 @@ class Backend:
     op_overhead_us: float = 5.0
     efficiency: float = 0.5
     execution_providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    tvm_target: str | None = None
 
     def __post_init__(self) -> None:
         _check_name(self.name, "backend name", "backend")
@@ -233,6 +237,10 @@ class Backend:
                     f"execution_providers must be a non-empty list of ONNX Runtime provider names, "
                     f'got {providers!r}; fix: e.g. ["CUDAExecutionProvider", "CPUExecutionProvider"]')
             object.__setattr__(self, "execution_providers", tuple(providers))
+            if self.tvm_target is not None and not (isinstance(self.tvm_target, str) and self.tvm_target.strip()):
+                raise FleetError(
+                    f"tvm_target must be a TVM target name or JSON string, got {self.tvm_target!r}; "
+                    f'fix: e.g. tvm_target = "aarch64", or leave it out')
 
 
 @dataclass(frozen=True)
@@ -446,6 +454,7 @@ def _backend_to_dict(backend: Backend) -> dict:
         "op_overhead_us": backend.op_overhead_us,
         "efficiency": backend.efficiency,
         "execution_providers": list(backend.execution_providers),
+        **({"tvm_target": backend.tvm_target} if backend.tvm_target is not None else {}),
     }
 
 
@@ -498,7 +507,7 @@ _DEVICE_PRESET_LIST = (
             # LPDDR4X-4267 on a 32-bit bus: 4267 MT/s x 4 B = 17.07 GB/s.
             mem_bandwidth_gbs=17.07,
             op_overhead_us=5.0, efficiency=0.5,
-            execution_providers=_CPU_EP),
+            execution_providers=_CPU_EP, tvm_target="aarch64"),
     ),
     _preset(
         "jetson-orin-nano-8gb",
@@ -521,7 +530,7 @@ _DEVICE_PRESET_LIST = (
             # 6 x 1.5 x 16 = 144 GFLOP/s.
             peak_gflops=144.0, mem_bandwidth_gbs=68.0,
             op_overhead_us=5.0, efficiency=0.5,
-            execution_providers=_CPU_EP),
+            execution_providers=_CPU_EP, tvm_target="aarch64"),
     ),
     _preset(
         "jetson-orin-nano-super-8gb",
@@ -541,7 +550,7 @@ _DEVICE_PRESET_LIST = (
             # 6x Cortex-A78AE @ 1.7 GHz x 16 FLOP/cycle = 163.2 GFLOP/s.
             peak_gflops=163.2, mem_bandwidth_gbs=102.4,
             op_overhead_us=5.0, efficiency=0.5,
-            execution_providers=_CPU_EP),
+            execution_providers=_CPU_EP, tvm_target="aarch64"),
     ),
     _preset(
         "jetson-agx-orin-64gb",
@@ -562,7 +571,7 @@ _DEVICE_PRESET_LIST = (
             # 12x Cortex-A78AE @ 2.2 GHz (data sheet) x 16 FLOP/cycle = 422.4 GFLOP/s.
             peak_gflops=422.4, mem_bandwidth_gbs=204.8,
             op_overhead_us=5.0, efficiency=0.5,
-            execution_providers=_CPU_EP),
+            execution_providers=_CPU_EP, tvm_target="aarch64"),
     ),
     _preset(
         "snapdragon-8-gen3-phone",
@@ -580,7 +589,7 @@ _DEVICE_PRESET_LIST = (
             mem_bandwidth_gbs=76.8,
             # Phones throttle under sustained load, hence a lower efficiency (approximate).
             op_overhead_us=5.0, efficiency=0.35,
-            execution_providers=_CPU_EP),
+            execution_providers=_CPU_EP, tvm_target="aarch64"),
         Backend(
             name="gpu", kind="gpu",
             # Adreno 750: ~4.6 TFLOPS fp32 (approximate; third-party spec databases, Qualcomm
@@ -610,7 +619,7 @@ _DEVICE_PRESET_LIST = (
             # LPDDR5X on a 64-bit bus, ~68 GB/s (approximate; Google publishes no speed grade).
             mem_bandwidth_gbs=68.0,
             op_overhead_us=5.0, efficiency=0.35,
-            execution_providers=_CPU_EP),
+            execution_providers=_CPU_EP, tvm_target="aarch64"),
         Backend(
             name="gpu", kind="gpu",
             # Mali-G715 MC7 @ ~890 MHz, assuming 2 execution engines x 32 fp32 FMA lanes = 128
@@ -830,7 +839,7 @@ _FLEET_KEYS = ("name", "default_link", "device", "link")
 _DEVICE_KEYS = ("name", "preset", "count", "memory_gb", "memory_bytes", "address", "kind",
                 "only_backends", "backend")
 _BACKEND_KEYS = ("name", "kind", "peak_gflops", "mem_bandwidth_gbs", "op_overhead_us",
-                 "efficiency", "execution_providers")
+                 "efficiency", "execution_providers", "tvm_target")
 _BACKEND_REQUIRED = MappingProxyType({
     "name": 'name the backend, e.g. name = "cpu"',
     "kind": 'set kind = "cpu", "gpu" or "npu"',

@@ -51,6 +51,8 @@ from edgeplan.runtime.manifest import Artifact, sha256_of
 INSTALL_HINT = ("install it with `pip install 'edgeplan[tvm]'` (apache-tvm 0.27.0.post1 with "
                 "apache-tvm-ffi 0.1.14.post1), or compile with --targets onnx")
 SCHEDULES = ("none", "dlight", "metaschedule")
+# The `target` that means "each stage for its backend's tvm_target in the fleet" (compile only).
+FLEET_TARGETS = "fleet"
 TARGETS = {
     "host": {"kind": "llvm"},
     "aarch64": {"kind": "llvm", "mtriple": "aarch64-linux-gnu"},

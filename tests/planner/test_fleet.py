@@ -296,3 +296,19 @@ def test_bad_file_raises_fleet_error_naming_file_and_offender(tmp_path, case):
         load_fleet(path)
     assert str(caught.value).startswith(str(path)), str(caught.value)
     assert "fix" in str(caught.value)
+
+
+def test_tvm_target_per_backend(tmp_path):
+    """ARM presets say which TVM target their CPU stages need; a fleet file can set or override it."""
+    for kind in ("raspberry-pi-5-8gb", "jetson-orin-nano-8gb", "snapdragon-8-gen3-phone"):
+        assert preset_device(kind).backend("cpu").tvm_target == "aarch64"
+    assert preset_device("jetson-orin-nano-8gb").backend("gpu").tvm_target is None
+    assert preset_device("intel-n100-edge-box").backend("cpu").tvm_target is None
+    path = write(tmp_path, 'name = "lab"\n[[device]]\nname = "orin"\npreset = "jetson-orin-nano-8gb"\n'
+                           '[[device.backend]]\nname = "gpu"\ntvm_target = "cuda"\n')
+    fleet = load_fleet(path)
+    assert fleet.device("orin").backend("gpu").tvm_target == "cuda"
+    assert fleet_from_dict(fleet.to_dict(), source="x") == fleet
+    with pytest.raises(FleetError, match="tvm_target must be a TVM target name or JSON string"):
+        load_fleet(write(tmp_path, 'name = "lab"\n[[device]]\nname = "orin"\npreset = "jetson-orin-nano-8gb"\n'
+                                   '[[device.backend]]\nname = "gpu"\ntvm_target = 3\n', "bad.toml"))

@@ -210,3 +210,61 @@ def test_metaschedule_tunes_and_matches_torch(tvm_cache, tmp_path):
     assert plan.stages[0].runtime == "tvm"
     assert np.abs(output - model(x).detach().numpy()).max() < TOLERANCE
     assert any(label.endswith("tuning") for _, _, label in ticks)
+
+
+class TwoLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(16, 64)
+        self.fc2 = nn.Linear(64, 8)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+PI_AND_BOX = """
+name = "pi-and-box"
+[[device]]
+name = "pi"
+preset = "raspberry-pi-5-8gb"
+[[device]]
+name = "box"
+preset = "intel-n100-edge-box"
+only_backends = ["cpu"]
+"""
+
+
+def test_fleet_target_builds_each_stage_for_its_backend(tvm_cache, tmp_path):
+    """--tvm-target fleet: the Pi's stage is an aarch64 library (its preset says so), the x86
+    box's cpu stage a host one; auto keeps ONNX Runtime where it cannot time the library."""
+    if shutil.which("aarch64-linux-gnu-g++") is None:
+        pytest.skip("no aarch64 cross compiler (apt-get install g++-aarch64-linux-gnu)")
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(PI_AND_BOX)
+    torch.manual_seed(0)
+    model, x = TwoLayers().eval(), torch.randn(2, 16)
+    out = tmp_path / "tvm"
+    plan = edgeplan.compile(model, (x,), fleet=fleet, out_dir=out, num_stages=2, time_limit_s=5,
+                            granularity="layer", targets="tvm", tvm=TvmTarget(target="fleet", cache=tvm_cache))
+    machines = {s.device: elf_machine(out / s.artifact.path) for s in read_manifest(out).stages}
+    assert [s.runtime for s in plan.stages] == ["tvm", "tvm"]
+    assert machines["pi"] == EM_AARCH64 and machines["box"] not in (None, EM_AARCH64)
+
+    auto = tmp_path / "auto"
+    plan = edgeplan.compile(model, (x,), fleet=fleet, out_dir=auto, num_stages=2, time_limit_s=5,
+                            granularity="layer", targets="auto", tvm=TvmTarget(target="fleet", cache=tvm_cache))
+    by_device = {s.device: s for s in plan.stages}
+    assert by_device["pi"].runtime == "onnxruntime" and "tvm" not in (by_device["pi"].runtime_s or {})
+    assert set(by_device["box"].runtime_s) == {"onnxruntime", "tvm"}
+    np.testing.assert_allclose(edgeplan.runtime.load(auto).run({"x": x.numpy()})[plan.outputs[0].name],
+                               model(x).detach().numpy(), atol=TOLERANCE)
+
+
+def test_fleet_target_needs_a_tvm_target_on_gpu_backends(tvm_cache, tmp_path):
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text('name = "orin"\n[[device]]\nname = "orin"\npreset = "jetson-orin-nano-8gb"\n'
+                     'only_backends = ["gpu"]\n')
+    torch.manual_seed(0)
+    with pytest.raises(ArtifactError, match="orin/gpu, a gpu backend whose fleet entry has no tvm_target"):
+        edgeplan.compile(Tiny().eval(), (torch.randn(2, 16),), fleet=fleet, out_dir=tmp_path / "o",
+                         num_stages=1, time_limit_s=5, targets="tvm", tvm=TvmTarget(target="fleet", cache=tvm_cache))
