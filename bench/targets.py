@@ -21,27 +21,19 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
 
 import edgeplan  # noqa: E402
 from edgeplan.cli import progress_bar  # noqa: E402
+from edgeplan.planner.compile import median_run_s  # noqa: E402
 from edgeplan.runtime.manifest import read_manifest  # noqa: E402
 from edgeplan.runtime.session import open_session  # noqa: E402
 from edgeplan.targets.tvm import TvmTarget  # noqa: E402
 
 
 def median_ms(session, feeds: dict, repeats: int) -> float:
-    for _ in range(3):
-        session.run(feeds)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        session.run(feeds)
-        times.append(time.perf_counter() - started)
-    return float(np.median(times)) * 1e3
+    return median_run_s(session, feeds, repeats) * 1e3
 
 
 def stage_feeds(directory: Path, inputs: dict) -> list[dict]:

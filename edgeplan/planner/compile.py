@@ -381,18 +381,19 @@ def _emit_tvm(out_dir: Path, entry: StageEntry, stage: Stage, env: dict, targets
     if targets == "tvm":
         return tvm_entry, dataclasses.replace(stage, runtime="tvm")
     feeds = {t.name: env[t.name].detach().cpu().numpy() for t in entry.inputs}
-    times = {"onnxruntime": _median_run_s(open_session(out_dir, entry, threads=1), feeds),
-             "tvm": _median_run_s(open_session(out_dir, tvm_entry, threads=1), feeds)}
+    times = {"onnxruntime": median_run_s(open_session(out_dir, entry, threads=1), feeds),
+             "tvm": median_run_s(open_session(out_dir, tvm_entry, threads=1), feeds)}
     runtime = "tvm" if within and times["tvm"] < times["onnxruntime"] else "onnxruntime"
     chosen = tvm_entry if runtime == "tvm" else entry
     return chosen, dataclasses.replace(stage, runtime=runtime, runtime_s=times)
 
 
-def _median_run_s(session, feeds: dict) -> float:
+def median_run_s(session, feeds: dict, repeats: int = TIMING_REPEATS) -> float:
+    """Median seconds of one session run after TIMING_WARMUP untimed ones."""
     for _ in range(TIMING_WARMUP):
         session.run(feeds)
     times = []
-    for _ in range(TIMING_REPEATS):
+    for _ in range(repeats):
         started = time.perf_counter()
         session.run(feeds)
         times.append(time.perf_counter() - started)
