@@ -115,9 +115,15 @@ def cmd_compile(args) -> int:
     from edgeplan.planner.report import format_plan
 
     print(format_plan(plan))
-    print(f"\nwrote {out_dir}/" + ("plan.json" if args.plan_only else "plan.json, manifest.json, "
-                                 + ", ".join(f"stage_{s.index}" + (".tvm.so" if s.runtime == "tvm" else ".onnx")
-                                             for s in plan.stages)))
+    if args.plan_only:
+        written = ["plan.json"]
+    else:
+        from edgeplan.runtime.manifest import read_manifest
+
+        stages = read_manifest(out_dir, verify=False).stages
+        written = ["plan.json", "manifest.json", *(s.artifact.path for s in stages),
+                   *(s.artifact.weights.path for s in stages if s.artifact.weights is not None)]
+    print(f"\nwrote {out_dir}/: {', '.join(written)}")
     return 0
 
 
