@@ -90,7 +90,8 @@ def evaluate(tables: CostTables, stages: Sequence[StageAssignment]) -> StageCost
 
     A stage's compute includes encoding its outgoing boundary and decoding its incoming one.
     """
-    compute = [float(tables.compute_s[s.start:s.end, s.slot].sum()) for s in stages]
+    compute = [float(tables.compute_s[s.start:s.end, s.slot].sum() + tables.stage_overhead_s[s.slot])
+               for s in stages]
     memory = [tables.stage_memory(s.start, s.end) for s in stages]
     links = []
     for i, (stage, nxt) in enumerate(zip(stages, stages[1:])):
@@ -180,7 +181,8 @@ def solve_dp(tables: CostTables, device_order: Sequence[int], objective: str = "
     stage_cost, stage_slot = [], []  # per order position: [i', i] -> seconds / best slot
     for device in order:
         slots = np.flatnonzero(tables.slot_device == device)
-        per_slot = prefix_compute[None, :, slots] - prefix_compute[:, None, slots]
+        per_slot = (prefix_compute[None, :, slots] - prefix_compute[:, None, slots]
+                    + tables.stage_overhead_s[slots][None, None, :])
         best = per_slot.argmin(axis=2)
         cost = np.take_along_axis(per_slot, best[..., None], axis=2)[..., 0]
         cost[(memory_need > tables.device_memory_bytes[device]) | lower] = np.inf
@@ -257,7 +259,7 @@ def _interchangeable_classes(tables: CostTables) -> list[list[int]]:
     for d in range(device_count):
         slots = np.flatnonzero(tables.slot_device == d)
         signature.append((int(tables.device_memory_bytes[d]),
-                          tables.compute_s[:, slots].tobytes()))
+                          tables.compute_s[:, slots].tobytes(), tables.stage_overhead_s[slots].tobytes()))
     classes: list[list[int]] = []
     for d in range(device_count):
         for group in classes:
@@ -306,9 +308,11 @@ def solve_cpsat(tables: CostTables, objective: str = "bottleneck", *, time_limit
     worst_link = (float((tables.link_latency_s[off_diagonal]).max(initial=0.0))
                   + float(wire_bytes.max(initial=0.0)) / float(tables.link_bandwidth[off_diagonal].min(initial=np.inf)))
     worst_boundary = worst_link + float(codec_time.max(initial=0.0))
-    worst_total = float(tables.compute_s.max(axis=1).sum()) + worst_boundary * max(stage_count - 1, 0)
+    worst_total = (float(tables.compute_s.max(axis=1).sum()) + worst_boundary * max(stage_count - 1, 0)
+                   + float(tables.stage_overhead_s.max(initial=0.0)) * stage_count)
     scale = TIME_STEPS / max(worst_total, 1e-12)
     compute_int = np.rint(tables.compute_s * scale).astype(np.int64)
+    overhead_int = np.rint(tables.stage_overhead_s * scale).astype(np.int64)
     encode_int = np.rint(tables.codec_encode_s * scale).astype(np.int64)
     decode_int = np.rint(tables.codec_decode_s * scale).astype(np.int64)
     codecs = [np.flatnonzero(tables.codec_allowed[u]) for u in range(unit_count - 1)]
@@ -319,7 +323,8 @@ def solve_cpsat(tables: CostTables, objective: str = "bottleneck", *, time_limit
     shared_sum = -(-tables.shared_weight_bytes // MEMORY_QUANTUM)
     memory_max = -(-tables.memory_max_bytes // MEMORY_QUANTUM)
     budget = tables.device_memory_bytes // MEMORY_QUANTUM
-    horizon = int(compute_int.sum(axis=0).max() + np.ceil(worst_boundary * scale) * 2 + 1)
+    horizon = int(compute_int.sum(axis=0).max() + overhead_int.max(initial=0)
+                  + np.ceil(worst_boundary * scale) * 2 + 1)
 
     model = cp_model.CpModel()
     in_stage = [[model.NewBoolVar(f"z_u{u}_s{s}") for s in range(stage_count)] for u in range(unit_count)]
@@ -391,7 +396,7 @@ def solve_cpsat(tables: CostTables, objective: str = "bottleneck", *, time_limit
                       + (codec_terms(s - 1, decode_int) if s > 0 else []))
         for k in range(slot_count):
             model.Add(compute[s] >= sum(int(compute_int[u, k]) * in_stage[u][s] for u in range(unit_count))
-                      + sum(codec_work)).OnlyEnforceIf(runs_on[s][k])
+                      + sum(codec_work) + int(overhead_int[k])).OnlyEnforceIf(runs_on[s][k])
     # Redundant slot view: unit u runs on slot k. Its load and memory constraints need no
     # enforcement literal, which gives the LP relaxation a far better bound. (The memory
     # one leaves shared weights out: it must stay implied by (c).)

@@ -72,6 +72,10 @@ class CostTables:
     guessed[U, K]           compute_s[u, k] is a roofline guess, not learned from
                             measurements (None: the model says for itself, e.g. roofline)
 
+    stage_overhead_s[K]     seconds a stage on slot k pays once per run, whatever its units
+                            (a session run's fixed cost; learned models measure it, the
+                            roofline has none: zeros)
+
     Weights read by more than one unit (counted once per stage, see module docstring):
     shared_weight_bytes[W]     bytes of weight w in memory_sum_bytes of each unit reading it
     shared_weight_units[W, U]  unit u reads weight w
@@ -98,8 +102,11 @@ class CostTables:
     shared_weight_bytes: np.ndarray | None = None
     shared_weight_units: np.ndarray | None = None
     guessed: np.ndarray | None = None
+    stage_overhead_s: np.ndarray | None = None
 
     def __post_init__(self):
+        if self.stage_overhead_s is None:
+            object.__setattr__(self, "stage_overhead_s", np.zeros(len(self.slots)))
         if self.shared_weight_bytes is None:
             object.__setattr__(self, "shared_weight_bytes", np.zeros(0, dtype=np.int64))
             object.__setattr__(self, "shared_weight_units",
@@ -199,6 +206,8 @@ class CostTables:
                 -1, len(data["unit_names"])),
             guessed=None if data.get("guessed") is None else np.asarray(
                 data["guessed"], dtype=bool).reshape(len(data["unit_names"]), len(data["slots"])),
+            stage_overhead_s=None if data.get("stage_overhead_s") is None else np.asarray(
+                data["stage_overhead_s"], dtype=float).reshape(len(data["slots"])),
         )
 
 

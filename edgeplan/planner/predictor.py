@@ -411,6 +411,7 @@ class LearnedCostModel:
     def costs(self, units, fleet, mode="inference", in_flight_microbatches=1) -> CostTables:
         tables = self.fallback.costs(units, fleet, mode, in_flight_microbatches)
         compute = tables.compute_s.copy()
+        overhead = tables.stage_overhead_s.copy()
         guessed = np.ones(compute.shape, dtype=bool)
         features = [unit_features(u) if getattr(u, "op_mix", ()) else None for u in units]
         for k, (device_name, backend_name) in enumerate(tables.slots):
@@ -419,11 +420,14 @@ class LearnedCostModel:
                 continue
             rows = [u for u, f in enumerate(features) if f is not None and model.covers(f)]
             if rows:
-                predicted = model.predict_many([features[u] for u in rows])
-                compute[rows, k] = predicted * (3.0 if mode == "training" else 1.0)
+                # c_run is paid once per stage run: a column of its own, not inside every unit
+                predicted = np.maximum(model.predict_many([features[u] for u in rows]) - model.run_overhead_s, 0.0)
+                scale = 3.0 if mode == "training" else 1.0
+                compute[rows, k] = predicted * scale
+                overhead[k] = model.run_overhead_s * scale
                 guessed[rows, k] = False
         return dataclasses.replace(
-            tables, compute_s=compute, model="learned", guessed=guessed,
+            tables, compute_s=compute, stage_overhead_s=overhead, model="learned", guessed=guessed,
             guessed_units=tuple(name for name, row in zip(tables.unit_names, guessed) if row.any()))
 
 

@@ -2,6 +2,7 @@
 
 import dataclasses
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -21,7 +22,8 @@ from edgeplan.planner.cost import CostTables
 
 
 def random_tables(seed: int, max_units: int = 8, max_devices: int = 4, tight: bool = False,
-                  min_units: int = 1, min_devices: int = 1, codecs: int = 1) -> CostTables:
+                  min_units: int = 1, min_devices: int = 1, codecs: int = 1,
+                  overhead: bool = False) -> CostTables:
     rng = np.random.default_rng(seed)
     unit_count = int(rng.integers(min_units, max_units + 1))
     device_count = int(rng.integers(min_devices, max_devices + 1))
@@ -68,6 +70,7 @@ def random_tables(seed: int, max_units: int = 8, max_devices: int = 4, tight: bo
         link_latency_s=latency,
         link_bandwidth=bandwidth,
         slot_device=np.array(slot_device),
+        stage_overhead_s=rng.uniform(0, 8e-3, size=len(slots)) if overhead else None,
         **codec_arrays,
     )
 
@@ -92,7 +95,7 @@ def brute_force(tables: CostTables, objective: str) -> float | None:
 def test_cpsat_matches_dp_on_fixed_order(objective):
     agreed = infeasible = 0
     for seed in range(300):
-        tables = random_tables(seed, tight=seed % 5 == 0)
+        tables = random_tables(seed, tight=seed % 5 == 0, overhead=seed % 3 == 1)
         order = list(np.random.default_rng(seed + 1000).permutation(len(tables.device_names)))
         dp = solve_dp(tables, order, objective)
         cp = solve_cpsat(tables, objective, device_order=order, time_limit_s=20, workers=1)
@@ -107,10 +110,23 @@ def test_cpsat_matches_dp_on_fixed_order(objective):
     assert agreed >= 200 and infeasible >= 1  # both kinds of instance were exercised
 
 
+def test_stage_overhead_counts_once_per_stage():
+    """A per-run cost on a slot is paid once by each stage there, not once per unit."""
+    tables = random_tables(3, min_units=4, max_units=4, min_devices=2, max_devices=2)
+    with_overhead = dataclasses.replace(tables, stage_overhead_s=np.full(len(tables.slots), 0.05))
+    stages = solve_dp(tables, [0, 1], "latency").stages
+    plain, extra = evaluate(tables, stages), evaluate(with_overhead, stages)
+    assert np.allclose(np.array(extra.compute_s) - np.array(plain.compute_s), 0.05)
+    # a big enough per-stage cost makes one stage the best plan
+    heavy = dataclasses.replace(tables, stage_overhead_s=np.full(len(tables.slots), 10.0))
+    assert len(solve_cpsat(heavy, "latency", time_limit_s=20, workers=1).stages) == 1
+    assert CostTables.from_dict(json.loads(json.dumps(with_overhead.to_dict()))) == with_overhead
+
+
 @pytest.mark.parametrize("objective", ["bottleneck", "latency"])
 def test_cpsat_free_order_matches_brute_force(objective):
     for seed in range(40):
-        tables = random_tables(seed + 500, max_units=6, max_devices=4)
+        tables = random_tables(seed + 500, max_units=6, max_devices=4, overhead=seed % 3 == 1)
         expected = brute_force(tables, objective)
         result = solve_cpsat(tables, objective, time_limit_s=20, workers=1)
         if expected is None:
