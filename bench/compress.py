@@ -39,16 +39,6 @@ from edgeplan.runtime.codecs import all_codecs, decode  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
-SLOW_FLEET = """
-name = "slow-link-pair"
-[default_link]
-bandwidth_mbps = 20
-latency_ms = 2
-[[device]]
-name = "pi"
-preset = "raspberry-pi-5-8gb"
-count = 2
-"""
 MAX_ERROR = 0.01
 
 
@@ -152,9 +142,8 @@ def model_errors(names: list[str], batches: int, train_steps: int) -> str:
 
 def pipeline_throughput(names: list[str], microbatches: int) -> str:
     rows = []
+    fleet = "pi-pair-slow-link"
     with tempfile.TemporaryDirectory() as tmp:
-        fleet = Path(tmp) / "slow.toml"
-        fleet.write_text(SLOW_FLEET)
         for name in names:
             model, inputs = load_module(EXAMPLES / f"{name}.py").build(batch=8)
             calibration = calibration_batches(inputs, 4)

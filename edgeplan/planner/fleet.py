@@ -794,6 +794,19 @@ name = "pi5"
 preset = "raspberry-pi-5-8gb"
 count = 4
 """),
+    "pi-pair-slow-link": _FleetPreset(
+        "2x Raspberry Pi 5 8GB over a 20 Mbit/s, 2 ms link (weak Wi-Fi or a 4G uplink): where "
+        "boundary compression pays",
+        """
+name = "pi-pair-slow-link"
+[default_link]
+bandwidth_mbps = 20
+latency_ms = 2
+[[device]]
+name = "pi"
+preset = "raspberry-pi-5-8gb"
+count = 2
+"""),
     "phones": _FleetPreset(
         "Snapdragon 8 Gen 3 phone, Pixel 8 Pro and Jetson Orin Nano on Wi-Fi 6",
         """

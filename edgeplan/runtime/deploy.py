@@ -54,7 +54,7 @@ from edgeplan.runtime.manifest import (
     read_manifest,
     weights_path,
 )
-from edgeplan.runtime.pipeline import RunStats, gather_outputs, split_batch
+from edgeplan.runtime.pipeline import ModelIO, RunStats, gather_outputs, split_batch
 from edgeplan.runtime.wire import (
     PROTOCOL_VERSION,
     Tls,
@@ -194,7 +194,7 @@ def read_deployment(directory: str | Path) -> Deployment:
         raise RemoteError(f"{path}: malformed ({exc.__class__.__name__}: {exc}); deploy again") from None
 
 
-class RemotePipeline:
+class RemotePipeline(ModelIO):
     """A deployed model: `run(inputs) -> outputs`, like the local Pipeline, through the workers.
 
     token_file / tls: default to what `deploy` recorded; timeout_s: deadline of one
@@ -228,14 +228,6 @@ class RemotePipeline:
         self.last_stats: RunStats | None = None
         self.retried = 0  # calls retried in the last run
         self.duplicates_dropped = 0  # outputs that arrived twice in the last run (dropped)
-
-    @property
-    def input_names(self) -> tuple[str, ...]:
-        return tuple(t.name for t in self.manifest.inputs)
-
-    @property
-    def output_names(self) -> tuple[str, ...]:
-        return tuple(o.name for o in self.manifest.outputs)
 
     def close(self) -> None:
         for client in self.workers:

@@ -184,7 +184,21 @@ def gather_outputs(manifest: Manifest, per_microbatch: list[dict[str, np.ndarray
     return outputs
 
 
-class Pipeline:
+class ModelIO:
+    """The input and output names of a compiled model, for pipelines that hold its manifest."""
+
+    manifest: Manifest
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.manifest.inputs)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(o.name for o in self.manifest.outputs)
+
+
+class Pipeline(ModelIO):
     """Compiled stages, ready to run: `run({"input_ids": ids}) -> {"logits": ...}`."""
 
     def __init__(self, directory: str | Path, threads_per_stage: int | None = None,
@@ -205,14 +219,6 @@ class Pipeline:
             if emulate_links and not last:
                 self.steps.append(_LinkStep(_require_link(session.stage)))
         self.last_stats: RunStats | None = None
-
-    @property
-    def input_names(self) -> tuple[str, ...]:
-        return tuple(t.name for t in self.manifest.inputs)
-
-    @property
-    def output_names(self) -> tuple[str, ...]:
-        return tuple(o.name for o in self.manifest.outputs)
 
     def run(self, inputs: dict) -> dict[str, np.ndarray]:
         """Run a batch (a multiple of the compiled batch size) through the pipeline."""

@@ -15,16 +15,7 @@ from edgeplan.passes.compress import measure_cuts, offer_codecs
 from edgeplan.passes.units import group_units
 from edgeplan.planner.plan import Plan
 
-SLOW_FLEET = """
-name = "slow-pair"
-[default_link]
-bandwidth_mbps = 20
-latency_ms = 2
-[[device]]
-name = "pi"
-preset = "raspberry-pi-5-8gb"
-count = 2
-"""
+SLOW_FLEET = "pi-pair-slow-link"  # 2 Pis, 20 Mbit/s
 
 
 class TwoLayers(nn.Module):
@@ -87,8 +78,7 @@ def test_budget_and_dominance(two_layer_cuts):
 
 
 def test_slow_link_compresses_and_runtime_applies_the_codec(tmp_path):
-    fleet = tmp_path / "slow.toml"
-    fleet.write_text(SLOW_FLEET)
+    fleet = SLOW_FLEET
     model, inputs = load_example("gpt").build(batch=8)
     calibration = [{"input_ids": torch.randint(0, 512, (8, 32), generator=torch.Generator().manual_seed(i))}
                    for i in range(3)]
@@ -130,10 +120,8 @@ def test_meta_weights_cannot_be_calibrated():
 def test_cli_max_error_and_emulated_run(tmp_path, capsys):
     from edgeplan.cli import main
 
-    fleet = tmp_path / "slow.toml"
-    fleet.write_text(SLOW_FLEET)
     out = tmp_path / "resnet"
-    assert main(["compile", str(ROOT / "examples/resnet.py:build"), "--fleet", str(fleet), "-o", str(out),
+    assert main(["compile", str(ROOT / "examples/resnet.py:build"), "--fleet", SLOW_FLEET, "-o", str(out),
                  "--stages", "2", "--max-error", "0.01", "--time-limit", "5"]) == 0
     table = capsys.readouterr().out
     assert "codec" in table and "agree" in table and "--max-error 0.01" in table
