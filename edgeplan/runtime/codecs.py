@@ -34,9 +34,13 @@ better from a 128-wide last axis on; as float32 where a scale exceeds float16's 
 float64 for float64 input. All-zero rows are exact.
 
 Lossy codecs need float16/float32/float64 input with finite values: NaN or inf raises
-InputError (send such tensors with "raw"). Any other dtype (int64 ids, bool masks, ...) is
-sent as raw by every codec (the lossless stage is kept) and the header says raw, so it
-decodes exactly. `decode` returns a new, writable array with the original dtype and shape.
+InputError (send such tensors with "raw"). Bool and integer tensors (attention masks,
+position ids, ...) are sent exactly by every codec but "raw": the base "pack" stores the
+minimum and each value minus it in the fewest of 0, 1, 2, 4, 8, 16, 32 or 64 bits that hold
+the range (a causal mask takes 1 bit a value, a constant tensor none), packed low bits
+first; the lossless stage is kept and the header says pack. Other dtypes (strings,
+datetimes, complex) go raw. `decode` returns a new, writable array with the original dtype
+and shape.
 
 Wire format (all integers little-endian):
 
@@ -49,27 +53,28 @@ array), sdtype (the parameters' dtype: float32, or float64 for float64 tensors s
 their constants stay exact), nbytes (stored body length) and rawbytes (body length before
 the lossless stage). The body is nscale scales, nscale zero points, then the data: raw
 bytes, float16 / bf16 bits as uint16, or uint8 codes (int4/int2 packed low bits first,
-padded with zero codes to a whole byte). The lossless stage "zstd" (zstd's fast strategy,
-with the frame checksum) replaces the body. Float words are split into byte planes first,
-as blosc does: only the most significant byte (sign and exponent, where the redundancy of
-activations is) is entropy-coded, the mantissa bytes go into a frame of stored blocks
-(zstd's fastest level, there only for its checksum), which makes the stage both faster and
-smaller than compressing every byte. Stored body for 4-byte words (raw float32): uint32
-length of the first frame | frame of byte 3 of every word | frame of the words' low halves
-as uint16 followed by byte 2 of every word; for 2-byte words (fp16 and bf16 codes, raw
-float16): uint32 length | frame of byte 1 | frame of byte 0 of every word. Every other body
-(int codes, scales, other dtypes) is one frame.
+padded with zero codes to a whole byte); pack's body is uint8 bits | the minimum in the
+tensor's dtype (little-endian) | the packed values. The lossless stage "zstd" (zstd's fast
+strategy, with the frame checksum) replaces the body. Float words are split into byte
+planes first, as blosc does: only the most significant byte (sign and exponent, where the
+redundancy of activations is) is entropy-coded, and the mantissa bytes, which zstd cannot
+shrink, follow as they are, which makes the stage both faster and smaller than compressing
+every byte. Stored body for 4-byte words (raw float32): uint32 length of the frame | frame
+of byte 3 of every word | the words' low halves as uint16, then byte 2 of every word; for
+2-byte words (fp16 and bf16 codes, raw float16): uint32 length | frame of byte 1 | byte 0 of
+every word. Every other body (int codes, scales, pack, other dtypes) is one frame.
 
 `decode` checks the magic, the header and every length against each other, and raises
 ArtifactError ("truncated/corrupt boundary payload") when they do not add up; zstd's
-checksum also catches flipped bits in a compressed body. Without zstd, flipped bits inside
-the data decode to wrong values: the transport is trusted with the bytes themselves.
+checksum also catches flipped bits in a compressed frame. Elsewhere (raw bodies, the
+mantissa planes after a frame) flipped bits decode to wrong values: the transport is
+trusted with the bytes themselves, as it is for raw.
 
 Only numpy, the stdlib and (for "+zstd") zstandard: devices import this without torch.
 Everything is vectorized numpy over chunks of 64K values, so the intermediates of a
 multi-step transform stay in L2 instead of streaming through memory. On a 2.8 GHz Xeon
-core a 16 MB float32 activation encodes at about 1.4 (fp16) to 3 (int8) GB/s and decodes
-at 3 to 7 GB/s.
+core a 16 MB float32 activation encodes at about 1.4 (fp16) to 3.5 (int8) GB/s and decodes
+at 3 to 6 GB/s; "+zstd" brings float bases to about 0.9 to 1.1 GB/s (bench/compress.py).
 """
 
 from __future__ import annotations
@@ -112,6 +117,9 @@ _FP16_OVERFLOW = 65520.0  # fp16 max is 65504; from here on values round to inf
 # bf16 max is 0x7F7F0000; float32 values from 0x7F7F8000 up round (to even) to inf
 _BF16_OVERFLOW = float(np.array(0x7F7F8000, np.uint32).view(np.float32))
 _F32_MAX = float(np.finfo(np.float32).max)
+# dtypes the exact "pack" base narrows (bool, signed and unsigned integers) and its widths
+_PACKED_KINDS = "biu"
+_PACK_BITS = (0, 1, 2, 4, 8, 16, 32, 64)
 _HEADER_KEYS = ("codec", "lossless", "dtype", "shape", "axis", "nscale", "sdtype",
                 "nbytes", "rawbytes")
 
@@ -205,7 +213,6 @@ def _dtype_tag(dtype: np.dtype) -> str:
 
 class _Local(threading.local):
     cctx = None
-    stored_cctx = None
     dctx = None
 
 
@@ -220,8 +227,8 @@ def _need_zstd(what: str):
     return _zstd
 
 
-def _compress(body, stored: bool = False) -> bytes:
-    """A zstd frame with checksum; `stored`: blocks kept as they are (bytes with no redundancy)."""
+def _compress(body) -> bytes:
+    """A zstd frame with checksum."""
     zstd = _need_zstd("the '+zstd' boundary codecs")
     if _local.cctx is None:  # contexts are not thread-safe: one per thread
         # The fast strategy with a tiny hash table: activations have few long matches, and
@@ -229,8 +236,7 @@ def _compress(body, stored: bool = False) -> bytes:
         _local.cctx = zstd.ZstdCompressor(compression_params=zstd.ZstdCompressionParameters(
             compression_level=ZSTD_LEVEL, strategy=zstd.STRATEGY_FAST, hash_log=6, min_match=7,
             window_log=17, write_checksum=True))
-        _local.stored_cctx = zstd.ZstdCompressor(level=-7, write_checksum=True)
-    return (_local.stored_cctx if stored else _local.cctx).compress(body)
+    return _local.cctx.compress(body)
 
 
 def _plane_width(base: str, dtype: np.dtype) -> int:
@@ -242,8 +248,8 @@ def _plane_width(base: str, dtype: np.dtype) -> int:
     return 1
 
 
-def _pack_lossless(body, width: int) -> tuple[bytes, ...]:
-    """The zstd stage's parts: one frame, or (width 2, 4) the byte-plane frames (module doc)."""
+def _pack_lossless(body, width: int) -> tuple:
+    """The zstd stage's parts: one frame, or (width 2, 4) the byte planes (module doc)."""
     if width == 1:
         return (_compress(body),)
     words = np.frombuffer(body, np.uint8)
@@ -255,7 +261,7 @@ def _pack_lossless(body, width: int) -> tuple[bytes, ...]:
         low[2 * n:] = words[2::4]
     else:
         low[:] = words[0::2]
-    return struct.pack("<I", len(top)), top, _compress(low, stored=True)
+    return struct.pack("<I", len(top)), top, low
 
 
 def _unpack_lossless(stored, out: np.ndarray, width: int) -> None:
@@ -267,11 +273,12 @@ def _unpack_lossless(stored, out: np.ndarray, width: int) -> None:
     if len(stored) < 4:
         raise _corrupt(f"{len(stored)} stored bytes cannot hold the byte-plane length")
     (frame_len,) = struct.unpack_from("<I", stored)
-    if 4 + frame_len > len(stored):
-        raise _corrupt(f"byte planes: a {frame_len}-byte frame does not fit the {len(stored)} stored bytes")
-    top, low = np.empty(n, np.uint8), np.empty(out.size - n, np.uint8)
+    if 4 + frame_len + out.size - n != len(stored):
+        raise _corrupt(f"byte planes: a {frame_len}-byte frame and {out.size - n} stored bytes "
+                       f"do not add up to the {len(stored)} bytes of the body")
+    top = np.empty(n, np.uint8)
     _decompress_into(stored[4:4 + frame_len], top)
-    _decompress_into(stored[4 + frame_len:], low)
+    low = np.frombuffer(stored, np.uint8, offset=4 + frame_len)
     out[width - 1::width] = top
     if width == 4:
         out.view("<u2")[0::2] = low[:2 * n].view("<u2")
@@ -659,6 +666,58 @@ def _decode_row(body, dtype, shape, sdtype):
     return out
 
 
+def _unsigned(dtype: np.dtype) -> np.dtype:
+    """The unsigned integer type of `dtype`'s width, little-endian (bool: uint8)."""
+    return np.dtype(f"<u{dtype.itemsize}")
+
+
+def _encode_pack(arr: np.ndarray) -> np.ndarray:
+    """Exact bit-packing of an int/bool tensor: [bits][min][(x - min) in `bits` bits each]."""
+    x = np.ascontiguousarray(arr).reshape(-1)
+    x = x.astype(x.dtype.newbyteorder("<"), copy=False)
+    lo = x.min() if x.size else x.dtype.type(0)
+    span = int(x.max()) - int(lo) if x.size else 0
+    bits = next(b for b in _PACK_BITS if span < 1 << b)
+    head = np.empty(1 + x.dtype.itemsize, np.uint8)
+    head[0] = bits
+    head[1:] = np.array(lo, x.dtype).reshape(1).view(np.uint8)
+    if bits == 0:
+        return head
+    # x - min in the unsigned type of x's width: exact, because 0 <= x - min < 2^bits
+    codes = x.view(_unsigned(x.dtype)) - np.array(lo, x.dtype).view(_unsigned(x.dtype))
+    if bits >= 8:
+        data = codes.astype(f"<u{bits // 8}").view(np.uint8)
+    else:  # low bits first, as int4/int2 pack their codes
+        planes = np.unpackbits(codes.astype(np.uint8)[:, None], axis=1, bitorder="little")
+        data = np.packbits(planes[:, :bits], bitorder="little")
+    return np.concatenate([head, data])
+
+
+def _decode_pack(body, dtype: np.dtype, shape: tuple[int, ...], n: int) -> np.ndarray:
+    """Undo `_encode_pack`; lengths and bool values checked (ArtifactError)."""
+    size = 1 + dtype.itemsize
+    if len(body) < size or body[0] not in _PACK_BITS or body[0] > 8 * dtype.itemsize:
+        raise _corrupt("pack: bad bit width")
+    bits = int(body[0])
+    if len(body) != size + -(-n * bits // 8):
+        raise _corrupt(f"pack: {len(body)} body bytes, {n} values of {bits} bits need "
+                       f"{size + -(-n * bits // 8)}")
+    native = dtype.newbyteorder("<")
+    lo = np.frombuffer(body, native, 1, 1).view(_unsigned(dtype))
+    if bits == 0:
+        codes = np.zeros(n, np.uint8)
+    elif bits >= 8:
+        codes = np.frombuffer(body, f"<u{bits // 8}", n, size)
+    else:
+        planes = np.unpackbits(np.frombuffer(body, np.uint8, offset=size), bitorder="little",
+                               count=n * bits).reshape(n, bits)
+        codes = np.packbits(planes, axis=1, bitorder="little").reshape(n)
+    out = (codes.astype(_unsigned(dtype)) + lo).view(native)
+    if dtype.kind == "b" and n and out.view(np.uint8).max() > 1:
+        raise _corrupt("pack: a bool value other than 0 or 1")
+    return out.astype(dtype, copy=False).reshape(shape)
+
+
 def encode(array: np.ndarray, codec: str | Codec) -> bytes:
     """`array` in the wire format of `codec` (a name like "int8+zstd", or a Codec).
 
@@ -669,9 +728,12 @@ def encode(array: np.ndarray, codec: str | Codec) -> bytes:
     arr = _as_array(array)
     base = codec.base
     if base != "raw" and arr.dtype.newbyteorder("=") not in _FLOATS:
-        base = "raw"  # ids, masks, ...: exact is the only sensible wire format
+        # ids, masks, ...: exact is the only sensible wire format, as few bits as they need
+        base = "pack" if arr.dtype.kind in _PACKED_KINDS else "raw"
     if base == "raw":
         return _finish("raw", codec.lossless, arr, None, 0, None, _raw_body(arr))
+    if base == "pack":
+        return _finish("pack", codec.lossless, arr, None, 0, None, _encode_pack(arr))
     x = arr if arr.dtype.isnative else arr.astype(arr.dtype.newbyteorder("="))
     x = np.ascontiguousarray(x).reshape(arr.shape)  # (ascontiguousarray makes 0-d 1-d)
     if x.size == 0:
@@ -718,7 +780,7 @@ def _is_int(v) -> bool:
 def _check_header(h: dict, stored: int):
     """Validate every field against the others; returns (dtype, shape, n, sdtype)."""
     base = h["codec"]
-    if base not in CODECS:
+    if base not in CODECS and base != "pack":
         raise _corrupt(f"unknown codec {base!r} in the header")
     if h["lossless"] is not None and h["lossless"] not in LOSSLESS:
         raise _corrupt(f"unknown lossless stage {h['lossless']!r} in the header")
@@ -736,7 +798,9 @@ def _check_header(h: dict, stored: int):
     if (dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None
             or dtype.itemsize == 0 or _dtype_tag(dtype) != h["dtype"]):
         raise _corrupt(f"dtype {h['dtype']!r} is not one encode() writes")
-    if base != "raw" and dtype.newbyteorder("=") not in _FLOATS:
+    if base == "pack" and dtype.kind not in _PACKED_KINDS:
+        raise _corrupt(f"codec 'pack' with dtype {dtype}, which is not bool or integer")
+    if base not in ("raw", "pack") and dtype.newbyteorder("=") not in _FLOATS:
         raise _corrupt(f"codec {base!r} with non-float dtype {dtype}")
     n = math.prod(shape)
     wide = dtype.newbyteorder("=") == np.float64
@@ -746,7 +810,7 @@ def _check_header(h: dict, stored: int):
         sdtypes = {None} if not nscale else {"float64"} if wide else {"float16", "float32"}
     else:
         axis, _, _, _, nch = _channel_layout(shape, base)
-        nscale = 0 if base in ("raw", "fp16", "bf16") or n == 0 else nch
+        nscale = 0 if base in ("raw", "pack", "fp16", "bf16") or n == 0 else nch
         sdtypes = {None} if not nscale else {"float64" if wide else "float32"}
     sdtype = h["sdtype"] if isinstance(h["sdtype"], str) else None
     if h["axis"] != axis or h["nscale"] != nscale or h["sdtype"] not in sdtypes:
@@ -754,6 +818,9 @@ def _check_header(h: dict, stored: int):
                        f"do not match codec {base!r} for shape {list(shape)}")
     if base == "raw":
         rawbytes = n * dtype.itemsize
+    elif base == "pack":  # the bit width is in the body: bounded here, exact in _decode_pack
+        rawbytes = h["rawbytes"] if _is_int(h["rawbytes"]) and (
+            1 + dtype.itemsize <= h["rawbytes"] <= 1 + dtype.itemsize * (n + 1)) else -1
     elif base in ("fp16", "bf16"):
         rawbytes = 2 * n
     elif base == "int8-row":
@@ -848,6 +915,8 @@ def decode(payload: bytes | bytearray | memoryview) -> np.ndarray:
         plain = np.empty(header["rawbytes"], np.uint8)
         _unpack_lossless(body, plain, _plane_width(base, dtype))
         body = plain
+    if base == "pack":
+        return _decode_pack(body, dtype, shape, n)
     if n == 0:
         return np.zeros(shape, dtype)
     if base == "fp16":

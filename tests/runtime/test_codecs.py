@@ -25,7 +25,8 @@ from edgeplan.runtime.codecs import (
 )
 
 FLOATS = (np.float16, np.float32, np.float64)
-NON_FLOATS = (np.int64, np.int32, np.bool_, np.uint8)
+NON_FLOATS = (np.int64, np.int32, np.int16, np.int8, np.bool_, np.uint8, np.uint16, np.uint64,
+              ">i4", ">u8")
 LEVELS = {"int8": 255, "int8-channel": 255, "int4": 15, "int2": 3}
 AFFINE = tuple(LEVELS)
 LOSSY = ("fp16", "bf16", "int8-row", *AFFINE)
@@ -150,14 +151,66 @@ def test_float_round_trip_within_bound(data, codec, dtype):
 @FAST
 @given(data=st.data(), codec=st.sampled_from(all_codecs()),
        dtype=st.sampled_from(NON_FLOATS))
-def test_non_float_falls_back_to_raw(data, codec, dtype):
+def test_non_float_round_trips_exactly(data, codec, dtype):
+    """Bool and integer tensors go raw with "raw", packed with every other codec; exact."""
     x = data.draw(hnp.arrays(dtype, SHAPES))
     payload = encode(x, codec)
     y = decode(payload)
     assert y.dtype == x.dtype and y.shape == x.shape
     np.testing.assert_array_equal(y, x)
     header, _ = header_of(payload)
-    assert header["codec"] == "raw" and header["lossless"] == codec.lossless
+    assert header["codec"] == ("raw" if codec.base == "raw" else "pack")
+    assert header["lossless"] == codec.lossless
+
+
+@pytest.mark.parametrize("values,dtype,bits", [
+    (np.ones((8, 1, 32, 32)), np.bool_, 0),
+    (np.tril(np.ones((8, 1, 32, 32))), np.bool_, 1),
+    ([[i for i in range(32)]] * 8, np.int64, 8),
+    ([5, 6, 7, 8], np.int64, 2),
+    ([-3, 12], np.int32, 4),
+    ([0, 70000], np.uint32, 32),
+    ([-2 ** 63, 2 ** 63 - 1], np.int64, 64),
+    ([0, 2 ** 64 - 1], np.uint64, 64),
+    ([1000, 1000 + 65535], np.int64, 16),
+])
+def test_pack_takes_the_fewest_bits(values, dtype, bits):
+    """A causal mask costs 1 bit a value, position ids 8, a constant tensor nothing."""
+    x = np.asarray(values, dtype=dtype)
+    payload = encode(x, "int8")
+    header, start = header_of(payload)
+    assert payload[start] == bits
+    assert header["rawbytes"] == 1 + x.itemsize + -(-x.size * bits // 8)
+    assert len(payload) == start + header["rawbytes"]
+    np.testing.assert_array_equal(decode(payload), x)
+    assert decode(encode(x, "fp16+zstd")).tobytes() == x.tobytes()
+
+
+def test_pack_shrinks_an_hf_boundary():
+    """The cut of an HF decoder: a bool causal mask next to the hidden states."""
+    mask = np.broadcast_to(np.tril(np.ones((32, 32), bool)), (8, 1, 32, 32)).copy()
+    hidden = np.random.default_rng(4).standard_normal((8, 32, 128)).astype(np.float32)
+    raw = mask.nbytes + hidden.nbytes
+    wire = len(encode(mask, "int8")) + len(encode(hidden, "int8"))
+    assert raw / wire > 3.9
+
+
+def test_corrupt_pack_payloads():
+    mask = np.tril(np.ones((4, 8, 8), bool))
+    payload = bytearray(encode(mask, "int8"))
+    _, start = header_of(bytes(payload))
+    for bits in (3, 9, 0):  # not a width, wider than bool's byte, a width that leaves bytes over
+        bad = bytearray(payload)
+        bad[start] = bits
+        with pytest.raises(ArtifactError, match="truncated/corrupt.*pack"):
+            decode(bytes(bad))
+    bad = bytearray(payload)
+    bad[start + 1] = 1  # minimum 1 with 1-bit codes: the value 2 is no bool
+    with pytest.raises(ArtifactError, match="bool value"):
+        decode(bytes(bad))
+    for changes in ({"dtype": "float32"}, {"dtype": "<U1"}, {"rawbytes": 10 ** 9}, {"rawbytes": 1}):
+        with pytest.raises(ArtifactError, match="truncated/corrupt"):
+            decode(edit_header(bytes(payload), **changes))
 
 
 @pytest.mark.parametrize("codec", all_codecs(), ids=str)
@@ -353,7 +406,10 @@ def test_unsupported_array_types():
 
 def make_payloads() -> dict[str, bytes]:
     x = np.random.default_rng(7).standard_normal((3, 4, 5)).astype(np.float32)
-    return {c.name: encode(x, c) for c in all_codecs()}
+    ids = np.random.default_rng(7).integers(-9, 40, (3, 7))
+    return {**{c.name: encode(x, c) for c in all_codecs()},
+            "pack": encode(ids, "int8"), "pack+zstd": encode(ids, "int8+zstd"),
+            "pack-bool": encode(np.tril(np.ones((5, 5), bool)), "int4")}
 
 
 PAYLOADS = make_payloads()
@@ -406,15 +462,24 @@ def test_garbage_payloads():
 
 
 def test_corrupt_zstd_stage():
+    """A flipped bit in a zstd frame fails its checksum; the stored mantissa planes after a
+    float frame are trusted like a raw body: a flip there changes one value."""
     x = np.random.default_rng(9).standard_normal(5000).astype(np.float32)
     for name in ("raw+zstd", "int8+zstd", "fp16+zstd"):
         payload = bytearray(encode(x, name))
         _, start = header_of(bytes(payload))
-        for pos in (start, start + 4, start + 20, len(payload) // 2, len(payload) - 2):
+        frame_end = len(payload) if name == "int8+zstd" else (
+            start + 4 + struct.unpack_from("<I", payload, start)[0])
+        for pos in (start, start + 4, start + 20, (start + frame_end) // 2, frame_end - 2):
             bad = bytearray(payload)
             bad[pos] ^= 0x5A
             with pytest.raises(ArtifactError, match="truncated/corrupt"):
                 decode(bad)
+        if name != "int8+zstd":
+            bad = bytearray(payload)
+            bad[-2] ^= 0x5A
+            changed = decode(bad) != decode(payload)
+            assert changed.sum() == 1
 
 
 def test_zstd_entropy_codes_the_exponent_plane():
@@ -427,7 +492,8 @@ def test_zstd_entropy_codes_the_exponent_plane():
         assert decode(payload).tobytes() == decode(encode(x, plain)).tobytes()
         header, start = header_of(payload)
         (frame_len,) = struct.unpack_from("<I", payload, start)
-        assert header["nbytes"] > 4 + frame_len  # a second frame holds the mantissa bytes
+        mantissa_bytes = x.nbytes // 4 * (3 if plain == "raw" else 1)  # stored as they are
+        assert header["nbytes"] == 4 + frame_len + mantissa_bytes
 
 
 @settings(max_examples=200, deadline=None)
