@@ -3,7 +3,8 @@
     python bench/compress.py [--quick]
 
 Table 1: every codec on a 16 MB float32 activation (normal(0, 1), [8, 512, 1024]): bytes
-ratio, encode and decode GB/s of float32 input on one core (numpy runs these single-threaded).
+ratio, encode and decode GB/s of float32 input on one core (numpy runs these single-threaded;
+`edgeplan codecs` prints the same table), and this core's codec_gbs figure.
 Table 2: per example and codec, at the middle cut, the relative L2 error of the outputs and
 the argmax agreement (next token for the language models, top-1 for the CNN) on
 calibration batches that were not used to build the model. Random-weight language models
@@ -14,7 +15,9 @@ held-out files: agreement of a model with real confidence.
 Table 3: a 2-stage pipeline over a slow link (20 Mbit/s, 2 ms: a weak Wi-Fi or 4G uplink)
 with and without compression (--max-error 0.01): predicted throughput from the plan, and
 throughput measured by the local runtime with the link EMULATED (each message is held for
-latency + wire bytes / bandwidth; compute and codecs are real).
+latency + wire bytes / bandwidth; compute and codecs are real, on this host). The plan
+predicts for the Pis: their roofline compute, and codec times scaled from this host's by
+host codec_gbs / the Pi preset's (an estimate, see planner/fleet.py).
 """
 
 import argparse
@@ -35,7 +38,7 @@ from edgeplan.passes.annotate import annotate  # noqa: E402
 from edgeplan.passes.capture import capture  # noqa: E402
 from edgeplan.passes.compress import measure_cuts  # noqa: E402
 from edgeplan.passes.units import group_units  # noqa: E402
-from edgeplan.runtime.codecs import all_codecs, decode  # noqa: E402
+from edgeplan.runtime.codec_speed import codec_speeds, reference_gbs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -49,25 +52,11 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
-def best_of(action, repeats: int) -> float:
-    timings = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        action()
-        timings.append(time.perf_counter() - started)
-    return min(timings)
-
-
 def codec_speed(repeats: int) -> str:
-    activation = np.random.default_rng(0).standard_normal((8, 512, 1024), dtype=np.float32)
-    rows = []
-    for codec in all_codecs():
-        payload = codec.encode(activation)
-        encode_s = best_of(lambda: codec.encode(activation), repeats)
-        decode_s = best_of(lambda: decode(payload), repeats)
-        rows.append([codec.name, f"{activation.nbytes / len(payload):.2f}x",
-                     f"{activation.nbytes / encode_s / 1e9:.2f}", f"{activation.nbytes / decode_s / 1e9:.2f}"])
-    return table(["codec", "bytes ratio", "encode GB/s", "decode GB/s"], rows)
+    rows = [[speed.codec, f"{speed.ratio:.2f}x", f"{speed.encode_gbs:.2f}", f"{speed.decode_gbs:.2f}"]
+            for speed in codec_speeds(repeats)]
+    return (table(["codec", "bytes ratio", "encode GB/s", "decode GB/s"], rows)
+            + f"\nthis core's codec_gbs figure (int8 encode + decode): {reference_gbs(repeats):.2f} GB/s")
 
 
 def calibration_batches(inputs: dict, count: int) -> list[dict]:
@@ -123,7 +112,7 @@ def model_errors(names: list[str], batches: int, train_steps: int) -> str:
     for name, trained in variants:
         model, inputs = load_module(EXAMPLES / f"{name}.py").build(batch=8)
         calibration = calibration_batches(inputs, batches)
-        label = name
+        label = f"{name} (random weights)" if name in ("gpt", "llama_hf") else name
         if trained:
             loss = train_on_text(model, train, train_steps)
             calibration = [{"input_ids": ids} for ids in text_batches(held_out, 8, 32, batches, seed=2)]

@@ -7,6 +7,7 @@
     edgeplan deploy out/gpt --fleet fleet.toml --token-file fleet.token
     edgeplan run out/gpt --remote --inputs x.npz
     edgeplan fleets [NAME]
+    edgeplan codecs          (on a device: its codec speed, codec_gbs in the fleet file)
 
 Errors edgeplan raises on bad input print as one line (`edgeplan: error: ...`), exit 2.
 """
@@ -305,6 +306,26 @@ def cmd_deploy(args) -> int:
     return 0
 
 
+def cmd_codecs(args) -> int:
+    from edgeplan.runtime.codec_speed import (
+        ACTIVATION_SHAPE,
+        codec_speeds,
+        reference_gbs,
+    )
+
+    if args.repeats < 1:
+        raise EdgeplanError(f"--repeats must be at least 1, got {args.repeats}")
+    print(f"boundary codecs on one core, float32 activation {list(ACTIVATION_SHAPE)} (16 MB), "
+          f"best of {args.repeats}")
+    print(f"  {'codec':<18} {'ratio':>7} {'encode GB/s':>12} {'decode GB/s':>12}")
+    for speed in codec_speeds(args.repeats):
+        print(f"  {speed.codec:<18} {speed.ratio:>6.2f}x {speed.encode_gbs:>12.2f} {speed.decode_gbs:>12.2f}")
+    figure = reference_gbs(args.repeats)
+    print(f"this machine's codec speed (int8 encode + decode): {figure:.2f} GB/s\n"
+          f"put it in this device's [[device]] table of the fleet file: codec_gbs = {figure:.2f}")
+    return 0
+
+
 def cmd_fleets(args) -> int:
     from edgeplan.planner.fleet import list_fleets, list_presets, load_fleet
 
@@ -428,6 +449,11 @@ def build_parser() -> argparse.ArgumentParser:
     profile_parser.add_argument("--repeats", type=int, default=15, help="timed runs per unit (default 15)")
     profile_parser.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
     profile_parser.set_defaults(handler=cmd_profile)
+
+    codecs_parser = sub.add_parser("codecs", help="time the boundary codecs on this machine (run it on a device: "
+                                   "it prints the codec_gbs figure for the fleet file)")
+    codecs_parser.add_argument("--repeats", type=int, default=5, help="timed runs per codec, best kept (default 5)")
+    codecs_parser.set_defaults(handler=cmd_codecs)
 
     fleets_parser = sub.add_parser("fleets", help="list fleet and device presets, or show one fleet")
     fleets_parser.add_argument("name", nargs="?")

@@ -12,6 +12,11 @@ is allowed at a cut when its output error is within `max_error` (and its agreeme
 least `min_agreement`, if given) and no other allowed codec is both smaller on the wire
 and at most as slow to encode and to decode. The partition ILP then picks cut and codec
 together. Runs after `cost`, before `partition`: the choice needs the measured sizes.
+
+Codec times are measured on the compiling host; a device runs them on one of its own
+cores. `codec_time_scale` gives each device the factor host speed / device speed of the
+same reference benchmark (`edgeplan.runtime.codec_speed`: the host measures its own, a
+device states `codec_gbs` in the fleet file), 1 where a device states none.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from edgeplan.errors import PlanError
 from edgeplan.passes.capture import bind_inputs, fetch_attr, signature_of
 from edgeplan.passes.units import Unit
 from edgeplan.planner.cost import CostTables
+from edgeplan.planner.fleet import Fleet
 from edgeplan.runtime.codecs import Codec, all_codecs, decode
 
 TIMING_REPEATS = 3
@@ -204,3 +210,9 @@ def _dominated(wire: np.ndarray, encode: np.ndarray, decode_s: np.ndarray, withi
         better = (wire < wire[:, [c]]) | (encode < encode[:, [c]]) | (decode_s < decode_s[:, [c]])
         dominated[:, c] = (no_worse & better).any(axis=1)
     return dominated
+
+
+def codec_time_scale(fleet: Fleet, host_gbs: float) -> np.ndarray:
+    """[device]: host codec speed / the device's (`codec_gbs`), 1 where the fleet gives none."""
+    return np.array([1.0 if device.codec_gbs is None else host_gbs / device.codec_gbs
+                     for device in fleet.devices])

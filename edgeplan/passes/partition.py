@@ -208,8 +208,9 @@ def solve_dp(tables: CostTables, device_order: Sequence[int], objective: str = "
     shape = (max_stages + 1, len(order), unit_count + 1, codec_count)
     best_value = np.full(shape, inf)
     parent = np.full(shape + (3,), -1, dtype=np.int64)  # (prev position, i', k_in)
+    codec_scale = tables.codec_time_scale  # per device: codec times are the host's times x this
     for j in range(len(order)):
-        best_value[1, j] = stage_cost[j][0][:, None] + encode_cost
+        best_value[1, j] = stage_cost[j][0][:, None] + encode_cost * codec_scale[order[j]]
     columns = np.arange(unit_count + 1)
     for count in range(2, max_stages + 1):
         for j in range(len(order)):
@@ -218,9 +219,10 @@ def solve_dp(tables: CostTables, device_order: Sequence[int], objective: str = "
                 for k_in in range(codec_count):
                     link = tables.link_latency_s[a, b] + wire[:, k_in] / tables.link_bandwidth[a, b]
                     head = combine(best_value[count - 1, prev, :, k_in], link)  # over i'
-                    incoming = stage_cost[j] + decode[:, k_in][:, None]  # [i', i]
+                    incoming = stage_cost[j] + decode[:, k_in][:, None] * codec_scale[b]  # [i', i]
                     for k_out in range(codec_count):
-                        candidate = combine(head[:, None], incoming + encode_cost[:, k_out][None, :])
+                        candidate = combine(head[:, None],
+                                            incoming + encode_cost[:, k_out][None, :] * codec_scale[b])
                         split = candidate.argmin(axis=0)
                         value = candidate[split, columns]
                         current = best_value[count, j, :, k_out]
@@ -303,7 +305,7 @@ def solve_cpsat(tables: CostTables, objective: str = "bottleneck", *, time_limit
 
     # Integer scaling: times to ~TIME_STEPS steps over the largest possible objective.
     wire_bytes = tables.codec_wire_bytes.astype(float)  # [cut, codec]
-    codec_time = tables.codec_encode_s + tables.codec_decode_s
+    codec_time = (tables.codec_encode_s + tables.codec_decode_s) * tables.codec_time_scale.max(initial=1.0)
     off_diagonal = ~np.eye(device_count, dtype=bool)
     worst_link = (float((tables.link_latency_s[off_diagonal]).max(initial=0.0))
                   + float(wire_bytes.max(initial=0.0)) / float(tables.link_bandwidth[off_diagonal].min(initial=np.inf)))
@@ -313,8 +315,10 @@ def solve_cpsat(tables: CostTables, objective: str = "bottleneck", *, time_limit
     scale = TIME_STEPS / max(worst_total, 1e-12)
     compute_int = np.rint(tables.compute_s * scale).astype(np.int64)
     overhead_int = np.rint(tables.stage_overhead_s * scale).astype(np.int64)
-    encode_int = np.rint(tables.codec_encode_s * scale).astype(np.int64)
-    decode_int = np.rint(tables.codec_decode_s * scale).astype(np.int64)
+    # [device, cut, codec]: a stage encodes and decodes at its own device's codec speed
+    device_scale = tables.codec_time_scale[:, None, None] * scale
+    encode_int = np.rint(tables.codec_encode_s[None] * device_scale).astype(np.int64)
+    decode_int = np.rint(tables.codec_decode_s[None] * device_scale).astype(np.int64)
     codecs = [np.flatnonzero(tables.codec_allowed[u]) for u in range(unit_count - 1)]
     # A shared weight leaves each unit's sum and is added once per stage that reads it.
     shared_units = tables.shared_weight_units
@@ -392,11 +396,12 @@ def solve_cpsat(tables: CostTables, objective: str = "bottleneck", *, time_limit
     # Stage compute time on its slot, plus encoding its outgoing and decoding its incoming boundary.
     compute = [model.NewIntVar(0, horizon, f"compute_s{s}") for s in range(stage_count)]
     for s in range(stage_count):
-        codec_work = ((codec_terms(s, encode_int) if s + 1 < stage_count else [])
-                      + (codec_terms(s - 1, decode_int) if s > 0 else []))
+        codec_work = {d: sum((codec_terms(s, encode_int[d]) if s + 1 < stage_count else [])
+                             + (codec_terms(s - 1, decode_int[d]) if s > 0 else []))
+                      for d in range(device_count)}
         for k in range(slot_count):
             model.Add(compute[s] >= sum(int(compute_int[u, k]) * in_stage[u][s] for u in range(unit_count))
-                      + sum(codec_work) + int(overhead_int[k])).OnlyEnforceIf(runs_on[s][k])
+                      + codec_work[int(tables.slot_device[k])] + int(overhead_int[k])).OnlyEnforceIf(runs_on[s][k])
     # Redundant slot view: unit u runs on slot k. Its load and memory constraints need no
     # enforcement literal, which gives the LP relaxation a far better bound. (The memory
     # one leaves shared weights out: it must stay implied by (c).)

@@ -23,7 +23,12 @@ import torch
 from edgeplan.errors import ArtifactError, PlanError
 from edgeplan.passes.annotate import annotate
 from edgeplan.passes.capture import bind_inputs, capture, numpy_dtype_name, signature_of
-from edgeplan.passes.compress import CutMeasurements, measure_cuts, offer_codecs
+from edgeplan.passes.compress import (
+    CutMeasurements,
+    codec_time_scale,
+    measure_cuts,
+    offer_codecs,
+)
 from edgeplan.passes.dedup import dedup
 from edgeplan.passes.partition import (
     PartitionResult,
@@ -47,6 +52,7 @@ from edgeplan.planner.plan import (
 )
 from edgeplan.planner.profile import unit_features
 from edgeplan.planner.workload import WorkloadLayout, workload_memory
+from edgeplan.runtime.codec_speed import reference_gbs
 from edgeplan.runtime.manifest import (
     MANIFEST_FILE,
     LinkEntry,
@@ -138,6 +144,7 @@ def compress_pass(c: Compilation) -> Compilation:
     calibration = c.options.calibration_inputs or (c.example_inputs,)
     cuts = measure_cuts(c.graph, c.units, calibration)
     tables = offer_codecs(c.tables, cuts, c.options.max_error, c.options.min_agreement)
+    tables = dataclasses.replace(tables, codec_time_scale=codec_time_scale(c.fleet, reference_gbs()))
     return dataclasses.replace(c, tables=tables, cuts=cuts)
 
 
@@ -197,11 +204,13 @@ def plan_pass(c: Compilation) -> Compilation:
         if i + 1 < len(result.stages):
             cut, codec = assignment.end - 1, assignment.codec
             measured = c.cuts[cut].get(tables.codec_names[codec]) if c.cuts else None
+            encode_s, _, decode_s = tables.boundary_s(
+                cut, codec, int(tables.slot_device[assignment.slot]),
+                int(tables.slot_device[result.stages[i + 1].slot]))
             boundary = Boundary(
                 tensors=last.cut_tensors, nbytes=last.cut_bytes, link_s=costs.link_s[i],
                 codec=tables.codec_names[codec], wire_bytes=int(tables.codec_wire_bytes[cut, codec]),
-                encode_s=float(tables.codec_encode_s[cut, codec]),
-                decode_s=float(tables.codec_decode_s[cut, codec]),
+                encode_s=encode_s, decode_s=decode_s,
                 output_error=measured.output_error if measured else None,
                 agreement=measured.agreement if measured else None)
         stages.append(Stage(

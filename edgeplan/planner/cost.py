@@ -67,6 +67,8 @@ class CostTables:
     codec_encode_s[U-1,C]   seconds to encode it (charged to the sending stage)
     codec_decode_s[U-1,C]   seconds to decode it (charged to the receiving stage)
     codec_allowed[U-1,C]    within the error budget and not dominated by another codec
+    codec_time_scale[D]     codec times on device d = the times above (measured on the
+                            compiling host) x codec_time_scale[d] (host / device codec speed)
 
     Learned cost models (planner.predictor) mark what they could not predict:
     guessed[U, K]           compute_s[u, k] is a roofline guess, not learned from
@@ -99,6 +101,7 @@ class CostTables:
     codec_encode_s: np.ndarray | None = None
     codec_decode_s: np.ndarray | None = None
     codec_allowed: np.ndarray | None = None
+    codec_time_scale: np.ndarray | None = None
     shared_weight_bytes: np.ndarray | None = None
     shared_weight_units: np.ndarray | None = None
     guessed: np.ndarray | None = None
@@ -107,6 +110,8 @@ class CostTables:
     def __post_init__(self):
         if self.stage_overhead_s is None:
             object.__setattr__(self, "stage_overhead_s", np.zeros(len(self.slots)))
+        if self.codec_time_scale is None:
+            object.__setattr__(self, "codec_time_scale", np.ones(len(self.device_names)))
         if self.shared_weight_bytes is None:
             object.__setattr__(self, "shared_weight_bytes", np.zeros(0, dtype=np.int64))
             object.__setattr__(self, "shared_weight_units",
@@ -133,10 +138,11 @@ class CostTables:
         return [getattr(self, name) for name in self.__dataclass_fields__]
 
     def boundary_s(self, cut: int, codec: int, device_a: int, device_b: int) -> tuple[float, float, float]:
-        """(encode, link, decode) seconds for the cut after unit `cut` sent with `codec`."""
-        return (float(self.codec_encode_s[cut, codec]),
+        """(encode, link, decode) seconds for the cut after unit `cut` sent with `codec` from
+        device a (which encodes) to device b (which decodes)."""
+        return (float(self.codec_encode_s[cut, codec] * self.codec_time_scale[device_a]),
                 self.link_s(device_a, device_b, float(self.codec_wire_bytes[cut, codec])),
-                float(self.codec_decode_s[cut, codec]))
+                float(self.codec_decode_s[cut, codec] * self.codec_time_scale[device_b]))
 
     def link_s(self, device_a: int, device_b: int, nbytes: float) -> float:
         """Seconds to move nbytes from device a to device b (0 when nothing crosses)."""
@@ -208,6 +214,8 @@ class CostTables:
                 data["guessed"], dtype=bool).reshape(len(data["unit_names"]), len(data["slots"])),
             stage_overhead_s=None if data.get("stage_overhead_s") is None else np.asarray(
                 data["stage_overhead_s"], dtype=float).reshape(len(data["slots"])),
+            codec_time_scale=None if data.get("codec_time_scale") is None else np.asarray(
+                data["codec_time_scale"], dtype=float).reshape(len(data["device_names"])),
         )
 
 

@@ -51,6 +51,9 @@ Top level: `name` (required), `default_link`, `[[device]]` (at least one), `[[li
                  even for N = 1); links must name the expanded names
   memory_gb      memory edgeplan may use (RAM minus the OS reserve); or memory_bytes
   address        "host:port" of the device's worker (not allowed with count > 1)
+  codec_gbs      one core's boundary-codec speed (`edgeplan codecs` on the device prints it):
+                 codec times measured on the compiling host are scaled by host / device
+                 figure; without it they are charged as measured on the host
   kind           label of where the device came from (default: the preset id, or "custom")
   only_backends  list of backend names to keep from the preset, in this order
                  (e.g. ["gpu"] to plan a Jetson onto its GPU alone)
@@ -188,6 +191,8 @@ def _check_address(value: object) -> str | None:
 
 _FIX_MEMORY = ("set memory_gb to the memory edgeplan may use on the device (its RAM minus what "
                "the OS needs), or take it from a preset")
+_FIX_CODEC = ("set codec_gbs to what `edgeplan codecs` prints on the device (one core's int8 "
+              "encode + decode GB/s), or leave it out to charge codec times as measured on the host")
 _FIX_PEAK = "set peak_gflops to the backend's dense fp32 GFLOP/s from its datasheet"
 _FIX_MEM_BANDWIDTH = "set mem_bandwidth_gbs to the backend's memory bandwidth in GB/s from its datasheet"
 _FIX_OVERHEAD = "set op_overhead_us to the fixed cost of one operator launch in microseconds"
@@ -252,6 +257,7 @@ class Device:
     backends: tuple[Backend, ...]
     kind: str = "custom"
     address: str | None = None
+    codec_gbs: float | None = None
 
     def __post_init__(self) -> None:
         _check_name(self.name, "device name", "device")
@@ -279,6 +285,8 @@ class Device:
                 raise FleetError(f"kind must be a non-empty string, got {self.kind!r}; "
                                  'fix: use a preset id or "custom"')
             _check_address(self.address)
+            if self.codec_gbs is not None:
+                object.__setattr__(self, "codec_gbs", _check_positive(self.codec_gbs, "codec_gbs", _FIX_CODEC))
 
     def backend(self, name: str) -> Backend:
         for backend in self.backends:
@@ -462,6 +470,8 @@ def _device_to_dict(device: Device) -> dict:
     out: dict[str, Any] = {"name": device.name, "kind": device.kind, "memory_bytes": device.memory_bytes}
     if device.address is not None:  # TOML has no null, so an absent address is an absent key
         out["address"] = device.address
+    if device.codec_gbs is not None:
+        out["codec_gbs"] = device.codec_gbs
     out["backend"] = [_backend_to_dict(backend) for backend in device.backends]
     return out
 
@@ -487,9 +497,10 @@ class _DevicePreset(NamedTuple):
     device: Device
 
 
-def _preset(kind: str, description: str, memory_bytes: int, *backends: Backend) -> _DevicePreset:
+def _preset(kind: str, description: str, memory_bytes: int, *backends: Backend,
+            codec_gbs: float) -> _DevicePreset:
     return _DevicePreset(description, Device(name=kind, memory_bytes=memory_bytes,
-                                             backends=tuple(backends), kind=kind))
+                                             backends=tuple(backends), kind=kind, codec_gbs=codec_gbs))
 
 
 _DEVICE_PRESET_LIST = (
@@ -508,6 +519,9 @@ _DEVICE_PRESET_LIST = (
             mem_bandwidth_gbs=17.07,
             op_overhead_us=5.0, efficiency=0.5,
             execution_providers=_CPU_EP, tvm_target="aarch64"),
+        # codec_gbs: estimated from the core (Cortex-A76 @ 2.4 GHz, 2x 128-bit NEON: about 1/3
+        # of the host's AVX-512 core); measure it with `edgeplan codecs` on the device.
+        codec_gbs=0.7,
     ),
     _preset(
         "jetson-orin-nano-8gb",
@@ -531,6 +545,8 @@ _DEVICE_PRESET_LIST = (
             peak_gflops=144.0, mem_bandwidth_gbs=68.0,
             op_overhead_us=5.0, efficiency=0.5,
             execution_providers=_CPU_EP, tvm_target="aarch64"),
+        # codec_gbs: estimated (Cortex-A78AE @ 1.5 GHz, the Pi 5's core at 0.6x its clock).
+        codec_gbs=0.45,
     ),
     _preset(
         "jetson-orin-nano-super-8gb",
@@ -551,6 +567,8 @@ _DEVICE_PRESET_LIST = (
             peak_gflops=163.2, mem_bandwidth_gbs=102.4,
             op_overhead_us=5.0, efficiency=0.5,
             execution_providers=_CPU_EP, tvm_target="aarch64"),
+        # codec_gbs: estimated (Cortex-A78AE @ 1.7 GHz).
+        codec_gbs=0.5,
     ),
     _preset(
         "jetson-agx-orin-64gb",
@@ -572,6 +590,8 @@ _DEVICE_PRESET_LIST = (
             peak_gflops=422.4, mem_bandwidth_gbs=204.8,
             op_overhead_us=5.0, efficiency=0.5,
             execution_providers=_CPU_EP, tvm_target="aarch64"),
+        # codec_gbs: estimated (Cortex-A78AE @ 2.2 GHz).
+        codec_gbs=0.65,
     ),
     _preset(
         "snapdragon-8-gen3-phone",
@@ -605,6 +625,8 @@ _DEVICE_PRESET_LIST = (
             peak_gflops=11250.0, mem_bandwidth_gbs=76.8,
             op_overhead_us=30.0, efficiency=0.3,
             execution_providers=_QNN_EP),
+        # codec_gbs: estimated (Cortex-X4 @ 3.3 GHz, 4x 128-bit NEON).
+        codec_gbs=1.2,
     ),
     _preset(
         "tensor-g3-phone",
@@ -634,6 +656,8 @@ _DEVICE_PRESET_LIST = (
             peak_gflops=4000.0, mem_bandwidth_gbs=68.0,
             op_overhead_us=30.0, efficiency=0.3,
             execution_providers=_NNAPI_EP),
+        # codec_gbs: estimated (Cortex-X3 @ 2.9 GHz, 4x 128-bit NEON).
+        codec_gbs=1.0,
     ),
     _preset(
         "intel-n100-edge-box",
@@ -656,6 +680,8 @@ _DEVICE_PRESET_LIST = (
             peak_gflops=288.0, mem_bandwidth_gbs=38.4,
             op_overhead_us=30.0, efficiency=0.4,
             execution_providers=_OPENVINO_EP),
+        # codec_gbs: estimated (Gracemont @ 3.4 GHz, AVX2 on 128-bit units).
+        codec_gbs=0.9,
     ),
     _preset(
         "intel-nuc-13-pro-i7-32gb",
@@ -678,6 +704,8 @@ _DEVICE_PRESET_LIST = (
             peak_gflops=2304.0, mem_bandwidth_gbs=51.2,
             op_overhead_us=20.0, efficiency=0.4,
             execution_providers=_OPENVINO_EP),
+        # codec_gbs: estimated (Raptor Cove @ up to 5.0 GHz, AVX2).
+        codec_gbs=2.2,
     ),
     _preset(
         "host",
@@ -700,6 +728,8 @@ _DEVICE_PRESET_LIST = (
             peak_gflops=358.4, mem_bandwidth_gbs=25.0,
             op_overhead_us=5.0, efficiency=0.5,
             execution_providers=_CPU_EP),
+        # codec_gbs: measured here with `edgeplan codecs` (1.9-2.1 over repeated runs).
+        codec_gbs=2.0,
     ),
 )
 _DEVICE_PRESETS: Mapping[str, _DevicePreset] = MappingProxyType(
@@ -849,8 +879,8 @@ count = 2
 # --- parsing: one path for files, dicts and presets ---------------------------------------------
 
 _FLEET_KEYS = ("name", "default_link", "device", "link")
-_DEVICE_KEYS = ("name", "preset", "count", "memory_gb", "memory_bytes", "address", "kind",
-                "only_backends", "backend")
+_DEVICE_KEYS = ("name", "preset", "count", "memory_gb", "memory_bytes", "address", "codec_gbs",
+                "kind", "only_backends", "backend")
 _BACKEND_KEYS = ("name", "kind", "peak_gflops", "mem_bandwidth_gbs", "op_overhead_us",
                  "efficiency", "execution_providers", "tvm_target")
 _BACKEND_REQUIRED = MappingProxyType({
@@ -1024,7 +1054,7 @@ def _parse_device(table: object, index: int) -> tuple[list[Device], int | None]:
             raise FleetError(f"address {address!r} would be shared by the {count} devices that "
                              f"count = {count} creates; fix: give each device its own [[device]] table")
     device = Device(name=name, memory_bytes=memory_bytes, backends=tuple(backends),
-                    kind=table.get("kind", "custom"), address=address)
+                    kind=table.get("kind", "custom"), address=address, codec_gbs=table.get("codec_gbs"))
     if count is None:
         return [device], None
     return [dataclasses.replace(device, name=f"{name}-{i}") for i in range(count)], count
@@ -1142,7 +1172,7 @@ def list_fleets() -> dict[str, str]:
 def preset_device(kind: str, name: str | None = None, **overrides) -> Device:
     """The device preset `kind`, named `name` (default: the preset id).
 
-    `overrides` are [[device]] keys: memory_gb or memory_bytes, address, kind, only_backends,
+    `overrides` are [[device]] keys: memory_gb or memory_bytes, address, codec_gbs, kind, only_backends,
     and backend (a list of backend dicts; a name matching a preset backend overrides its keys).
     """
     source = f"preset_device({kind!r})"

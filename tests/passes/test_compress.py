@@ -111,6 +111,29 @@ def test_slow_link_compresses_and_runtime_applies_the_codec(tmp_path):
     assert emulated.last_stats.link_mean_s[0] >= boundary.link_s * 0.9
 
 
+def test_codec_times_scale_to_each_device(monkeypatch):
+    """Codec times are measured on the host; the plan charges the sender's encode and the
+    receiver's decode at host speed / that device's codec_gbs."""
+    from edgeplan.planner import compile as compile_module
+    from edgeplan.planner.fleet import Fleet, Link, preset_device
+
+    monkeypatch.setattr(compile_module, "reference_gbs", lambda: 1.4)  # this host's figure
+    fleet = Fleet("pair", (preset_device("raspberry-pi-5-8gb", "a", codec_gbs=0.7),
+                           preset_device("raspberry-pi-5-8gb", "b", codec_gbs=3.5)),
+                  default_link=Link("*", "*", 2.5e6, 0.002))
+    torch.manual_seed(0)
+    batch = (torch.randn(64, 256),)
+    state = compile_module.run_passes(compile_module.Compilation(
+        model=TwoLayers().eval(), example_inputs=batch, fleet=fleet, options=compile_module.CompileOptions(
+            num_stages=2, max_error=0.05, time_limit_s=5), out_dir=None))
+    assert state.tables.codec_time_scale == pytest.approx([2.0, 0.4])
+    first, second = state.plan.stages
+    measured = state.cuts[0].get(first.boundary.codec)
+    scale = {"a": 2.0, "b": 0.4}
+    assert first.boundary.encode_s == pytest.approx(measured.encode_s * scale[first.device])
+    assert first.boundary.decode_s == pytest.approx(measured.decode_s * scale[second.device])
+
+
 def test_meta_weights_cannot_be_calibrated():
     model, inputs = load_example("gpt").build(device="meta")
     with pytest.raises(PlanError, match="meta device.*--max-error"):

@@ -23,7 +23,7 @@ from edgeplan.planner.cost import CostTables
 
 def random_tables(seed: int, max_units: int = 8, max_devices: int = 4, tight: bool = False,
                   min_units: int = 1, min_devices: int = 1, codecs: int = 1,
-                  overhead: bool = False) -> CostTables:
+                  overhead: bool = False, codec_scale: bool = False) -> CostTables:
     rng = np.random.default_rng(seed)
     unit_count = int(rng.integers(min_units, max_units + 1))
     device_count = int(rng.integers(min_devices, max_devices + 1))
@@ -57,7 +57,8 @@ def random_tables(seed: int, max_units: int = 8, max_devices: int = 4, tight: bo
         codec_arrays = dict(
             codec_names=("raw", *(f"c{i}" for i in range(1, codecs))),
             codec_wire_bytes=(cut_bytes[:, None] * ratio).astype(np.int64),
-            codec_encode_s=codec_time * 0.6, codec_decode_s=codec_time * 0.4, codec_allowed=allowed)
+            codec_encode_s=codec_time * 0.6, codec_decode_s=codec_time * 0.4, codec_allowed=allowed,
+            codec_time_scale=rng.uniform(0.2, 3.0, size=device_count) if codec_scale else None)
     return CostTables(
         unit_names=tuple(f"u{i}" for i in range(unit_count)),
         device_names=tuple(f"dev{d}" for d in range(device_count)),
@@ -234,7 +235,8 @@ def test_codec_choice_matches_dp_and_brute_force(objective):
     """Cut and codec chosen together: CP-SAT against the DP (fixed order) and all orders."""
     compressed = 0
     for seed in range(80):
-        tables = random_tables(seed + 7000, max_units=7, max_devices=3, codecs=3)
+        # odd seeds: every device encodes and decodes at its own speed
+        tables = random_tables(seed + 7000, max_units=7, max_devices=3, codecs=3, codec_scale=seed % 2 == 1)
         order = list(range(len(tables.device_names)))
         dp = solve_dp(tables, order, objective)
         cp = solve_cpsat(tables, objective, device_order=order, time_limit_s=20, workers=1)
@@ -249,15 +251,20 @@ def test_codec_choice_matches_dp_and_brute_force(objective):
     assert compressed >= 10  # codecs were actually chosen, not just raw
 
 
-def test_compression_pays_on_a_slow_link():
-    tables = hand_tables()
-    slow = dataclasses.replace(tables, link_bandwidth=np.array([[np.inf, 5e7], [5e7, np.inf]]))
-    raw = partition(slow, time_limit_s=5)
-    compressed = dataclasses.replace(
+def slow_link_int8_tables() -> CostTables:
+    """hand_tables over a 50 MB/s link, with int8 (4x smaller, 0.2 ms encode, 0.1 ms decode)."""
+    slow = dataclasses.replace(hand_tables(), link_bandwidth=np.array([[np.inf, 5e7], [5e7, np.inf]]))
+    return dataclasses.replace(
         slow, codec_names=("raw", "int8"),
         codec_wire_bytes=np.stack([slow.cut_bytes, slow.cut_bytes // 4], axis=1),
         codec_encode_s=np.array([[0.0, 0.0002]] * 3), codec_decode_s=np.array([[0.0, 0.0001]] * 3),
         codec_allowed=np.ones((3, 2), dtype=bool))
+
+
+def test_compression_pays_on_a_slow_link():
+    compressed = slow_link_int8_tables()
+    raw = partition(dataclasses.replace(compressed, codec_allowed=np.array([[True, False]] * 3)),
+                    time_limit_s=5)
     result = partition(compressed, time_limit_s=5)
     # Raw: a boundary costs 1 ms + 1 MB at 50 MB/s = 21 ms, so one stage on the fast device
     # (13 ms) wins. int8 sends 250 kB (6 ms): the fast-first split [embed..block1 | head]
@@ -265,3 +272,21 @@ def test_compression_pays_on_a_slow_link():
     assert raw.value_s == pytest.approx(0.013)
     assert len(result.stages) == 2 and result.stages[0].codec == 1
     assert result.value_s == pytest.approx(0.011 + 0.0002)
+
+
+def test_codec_time_is_charged_at_each_device_speed():
+    """The sender encodes on its own core, the receiver decodes on its own: each codec time is
+    the host's times that device's codec_time_scale."""
+    compressed = slow_link_int8_tables()
+    # The fast device's core encodes 5x slower than the host: 11 + 5 x 0.2 = 12 ms, still
+    # below the 13 ms of one stage.
+    sender_slow = dataclasses.replace(compressed, codec_time_scale=np.array([1.0, 5.0]))
+    for result in (partition(sender_slow, time_limit_s=5), solve_dp(sender_slow, [1, 0])):
+        assert result.stages[0].codec == 1 and result.value_s == pytest.approx(0.012)
+        assert evaluate(sender_slow, result.stages).compute_s == pytest.approx((0.012, 0.0041))
+    assert sender_slow.boundary_s(2, 1, 1, 0) == pytest.approx((0.001, 0.006, 0.0001))
+    # The slow device decodes 100x slower: 4 + 10 ms > 13 ms, so one stage and no codec.
+    receiver_slow = dataclasses.replace(compressed, codec_time_scale=np.array([100.0, 1.0]))
+    result = partition(receiver_slow, time_limit_s=5)
+    assert result.stages == (StageAssignment(1, 0, 4),) and result.value_s == pytest.approx(0.013)
+    assert CostTables.from_dict(json.loads(json.dumps(sender_slow.to_dict()))) == sender_slow

@@ -283,6 +283,10 @@ BAD_FILES = {
     "bad address": ('name = "lab"\n' + BOX.replace("memory_gb = 16", 'memory_gb = 16\naddress = "box"'),
                     r"device 'box'.*address 'box' is not host:port"),
     "single brackets": ('name = "lab"\n[device]\nname = "box"\n', r"'device' must be an array of tables.*\[\[device\]\]"),
+    "zero codec speed": ('name = "lab"\n' + PI + "codec_gbs = 0\n",
+                         r"device 'pi'.*codec_gbs must be a positive number, got 0.*edgeplan codecs"),
+    "text codec speed": ('name = "lab"\n' + BOX.replace("memory_gb = 16", 'memory_gb = 16\ncodec_gbs = "fast"'),
+                         r"device 'box'.*codec_gbs must be a positive number, got 'fast'"),
     "unknown only_backends": ('name = "lab"\n' + PI + 'only_backends = ["gpu"]\n',
                               r"device 'pi'.*only_backends names 'gpu'.*'cpu'"),
 }
@@ -312,3 +316,15 @@ def test_tvm_target_per_backend(tmp_path):
     with pytest.raises(FleetError, match="tvm_target must be a TVM target name or JSON string"):
         load_fleet(write(tmp_path, 'name = "lab"\n[[device]]\nname = "orin"\npreset = "jetson-orin-nano-8gb"\n'
                                    '[[device.backend]]\nname = "gpu"\ntvm_target = 3\n', "bad.toml"))
+
+
+def test_codec_speed_per_device(tmp_path):
+    """Every preset states one core's codec speed; a fleet file can give or override it."""
+    for kind in list_presets():
+        assert preset_device(kind).codec_gbs > 0, kind
+    assert preset_device("raspberry-pi-5-8gb").codec_gbs < preset_device("host").codec_gbs
+    fleet = load_fleet(write(tmp_path, 'name = "lab"\n' + PI + "codec_gbs = 0.55\n" + BOX))
+    assert fleet.device("pi").codec_gbs == 0.55
+    assert fleet.device("box").codec_gbs is None  # spelled out without it: host-measured times
+    assert fleet_from_dict(json.loads(json.dumps(fleet.to_dict())), source="x") == fleet
+    assert preset_device("raspberry-pi-5-8gb", codec_gbs=1).codec_gbs == 1.0

@@ -545,3 +545,29 @@ def test_module_uses_only_numpy_stdlib_and_zstandard():
     allowed = {"__future__", "dataclasses", "json", "math", "struct", "sys", "threading",
                "warnings", "numpy", "zstandard", "edgeplan"}
     assert roots <= allowed, roots - allowed
+
+
+def test_codecs_command_runs_torch_free_and_prints_the_fleet_figure():
+    """`edgeplan codecs` is what a device runs to state its codec_gbs: numpy and zstandard only."""
+    code = ("import sys; from edgeplan.cli import main; rc = main(['codecs', '--repeats', '1']); "
+            "bad = [m for m in ('torch', 'ortools', 'onnx') if m in sys.modules]; "
+            "assert rc == 0 and not bad, (rc, bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=False, timeout=120)
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in out.stdout.splitlines()[2:-2]}
+    assert set(rows) == {c.name for c in all_codecs()}
+    assert rows["int8"][0] == "4.00x" and rows["raw"][0] == "1.00x"
+    figure = float(out.stdout.splitlines()[-1].rsplit("=", 1)[1])
+    assert figure > 0 and all(float(cell) > 0 for cells in rows.values() for cell in cells[1:])
+
+
+def test_reference_figure_is_int8_encode_plus_decode():
+    from edgeplan.runtime.codec_speed import measure_codec, reference_gbs
+
+    x = np.random.default_rng(0).standard_normal(1 << 18, dtype=np.float32)
+    speed = measure_codec("int8", x, repeats=3)
+    assert speed.ratio == pytest.approx(4.0, rel=1e-3)
+    combined = reference_gbs(repeats=3, activation=x)
+    # 1 / (1/enc + 1/dec) lies below the slower of the two (timings differ run to run)
+    assert 0 < combined < 2 * min(speed.encode_gbs, speed.decode_gbs)
