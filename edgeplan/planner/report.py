@@ -92,7 +92,8 @@ def format_plan(plan: Plan, manifest=None, run: dict | None = None) -> str:
     if compressed:
         lines.append(f"boundary codecs chosen with the partition under --max-error {plan.max_error:g} "
                      f"(relative L2 error of the outputs on the calibration inputs; codec times "
-                     f"measured on the compiling host, included in the stage times)")
+                     f"measured on the compiling host, scaled to each device's codec_gbs, "
+                     f"included in the stage times)")
     if runtimes:
         lines.append("runtime: what runs each stage; ORT ms / TVM ms: median of one-thread runs on "
                      "the compiling host, measured by --targets auto (which keeps the faster)")
