@@ -152,8 +152,17 @@ def build_store(path: Path, samples: int, repeats: int) -> None:
     for name, config in ZOO:
         model, inputs = load_module(EXAMPLES / f"{name}.py").build(**config)
         label = f"{name}-" + "-".join(str(v) for v in config.values() if not isinstance(v, tuple))
-        store.append(profile_units(model, inputs, repeats=repeats, name=label,
-                                   progress=progress_line(label)))
+        records = profile_units(model, inputs, repeats=repeats, name=label,
+                                progress=progress_line(label))
+        store.append(records)
+        # Stages of the zoo models too (splits into 2 and 3 stages), so the predictor
+        # sees what running units together changes.
+        count = len({r.unit_index for r in records})
+        for stages in (2, 3):
+            if count >= stages:
+                store.append(profile_units(
+                    model, inputs, repeats=repeats, name=label, stage_of_unit=balanced_split(
+                        np.ones(count), stages), progress=progress_line(f"{label} {stages} stages")))
     for name, model, inputs, _ in layer_space(samples=samples, seed=0):
         store.append(profile_units(model, inputs, repeats=repeats, name=name,
                                    progress=progress_line(name)))
@@ -222,6 +231,30 @@ def roofline_times(records, backend: str) -> np.ndarray:
 def learned_times(model, records) -> np.ndarray:
     """Learned seconds of each record: a stage is the sum of its units, its run cost once."""
     return np.array([model.predict_stage(r.parts or (r.features,)) for r in records])
+
+
+def from_measured_units(model, stage_records, unit_records) -> np.ndarray:
+    """Each stage predicted from its own units' measured times (c_run counted once): what
+    a perfect per-unit predictor would say, so the gap to the stage's measurement is what
+    running units together (and drift between the two measurements) changes."""
+    by_model: dict[tuple[str, str], list] = {}
+    for r in sorted(unit_records, key=lambda r: r.unit_index):
+        by_model.setdefault((r.model, r.backend), []).append(r)
+    out = []
+    for stage in stage_records:
+        rows = by_model[(stage.model.removesuffix("-stages"), stage.backend)]
+        names = [r.unit for r in rows]
+        first, _, last = stage.unit.partition("..")
+        inside = rows[names.index(first): names.index(last or first) + 1]
+        out.append(sum(r.median_s for r in inside) - (len(inside) - 1) * model.run_overhead_s)
+    return np.array(out)
+
+
+def at_reference(records, reference_s: float):
+    """Records with their times rescaled to a machine whose reference workload takes
+    `reference_s` (records without a reference measurement unchanged)."""
+    return [dataclasses.replace(r, median_s=r.median_s * reference_s / r.reference_s)
+            if r.reference_s > 0 else r for r in records]
 
 
 def errors(predicted: np.ndarray, records) -> np.ndarray:
@@ -309,6 +342,18 @@ def main(argv=None) -> int:
           f"(profiled in {trained_s:.0f} s), held out {len(units)} unit and {len(stages)} stage "
           f"measurements", flush=True)
 
+    print("\nMachine drift: the reference workload (profile.reference_model, timed in every round)")
+    for backend in BACKENDS:
+        phases = [("training", [r for r in store_records if r.backend == backend]),
+                  ("held-out units", [r for r in units if r.backend == backend]),
+                  ("held-out stages", [r for r in stages if r.backend == backend]),
+                  ("units again", [r for r in again if r.backend == backend])]
+        refs = [r.reference_s for _, rows in phases for r in rows if r.reference_s > 0]
+        if refs:
+            print(f"{backend:<8} " + ", ".join(
+                f"{phase} {np.median([r.reference_s for r in rows]) * 1e6:.0f} us" for phase, rows in phases
+                if rows) + f"; p10-p90 over all records {np.percentile(refs, 10) * 1e6:.0f}-"
+                f"{np.percentile(refs, 90) * 1e6:.0f} us")
     print("\nNoise floor: held-out units timed twice, minutes apart (no predictor can beat it)")
     for backend in BACKENDS:
         first = [r for r in units if r.backend == backend]
@@ -318,8 +363,10 @@ def main(argv=None) -> int:
 
     print("\nHeld-out models (never in the store): median |error| and share within +-10 %;")
     print("additive = the per-kind law alone, learned = additive x residual model (+ c_run once per stage)")
+    print("units measured = each stage predicted from its own units' measured times (the best a")
+    print("per-unit predictor can do)")
     print(f"{'backend':<8} {'level':<6} {'model':<16} {'n':>4} | {'roofline':>8} {'<=10%':>7} | "
-          f"{'additive':>8} {'<=10%':>7} | {'learned':>8} {'<=10%':>7}")
+          f"{'additive':>8} {'<=10%':>7} | {'learned':>8} {'<=10%':>7} | {'units measured':>15}")
     families = ("hf-gpt2", "hf-llama", "sep-cnn", "all")
     for backend in BACKENDS:
         model = predictor.models[("host", backend)]
@@ -331,8 +378,26 @@ def main(argv=None) -> int:
                 roof = errors(roofline_times(rows, backend), rows)
                 plain = errors(learned_times(additive, rows), rows)
                 learned = errors(learned_times(model, rows), rows)
+                oracle = (errors(from_measured_units(model, rows, units), rows) if level == "stage"
+                          else np.zeros(0))
                 print(f"{backend:<8} {level:<6} {family:<16} {len(rows):>4} | {summary(roof)} | "
-                      f"{summary(plain)} | {summary(learned)}")
+                      f"{summary(plain)} | {summary(learned)} | {summary(oracle)}")
+
+    print("\nDrift-corrected (diagnostic; the table above is the result): every time rescaled to "
+          "the training store's median reference time, trained and evaluated that way")
+    for backend in BACKENDS:
+        train = [r for r in store_records if r.backend == backend]
+        reference = float(np.median([r.reference_s for r in train if r.reference_s > 0] or [0.0]))
+        if reference <= 0:
+            continue
+        rescaled = fit_model(at_reference(train, reference), "host", backend)
+        first = at_reference([r for r in units if r.backend == backend], reference)
+        second = at_reference([r for r in again if r.backend == backend], reference)
+        line = f"{backend:<8} noise floor {summary(noise_floor(first, second))}"
+        for level, records in (("unit", units), ("stage", stages)):
+            rows = at_reference([r for r in records if r.backend == backend], reference)
+            line += f" | {level} learned {summary(errors(learned_times(rescaled, rows), rows))}"
+        print(line)
 
     print("\nAdaptation to a backend left out of training (held-out units + stages of it):")
     print(f"{'source -> target':<16} {'k':>3} {'median |err|':>12} {'<=10%':>6}")

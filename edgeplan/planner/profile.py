@@ -8,13 +8,23 @@ compiler does, then split so that every unit is its own stage. The stage modules
 order on the example inputs (as `emit_stages` does) to get each unit's concrete inputs;
 each unit is exported to ONNX in a temporary directory and timed in an ONNX Runtime
 session with `intra_op_num_threads = t` (inter-op 1, sequential execution, default graph
-optimizations, as the runtime's StageSession) for each t. Every session is warmed up
-(`warmup` untimed runs and at least WARMUP_S seconds), then timed in `rounds` interleaved
-rounds: each round runs every session of the model in turn, ceil(repeats / rounds) runs
-timed one by one with time.perf_counter, and at least MIN_ROUND_S seconds of runs, so
-tiny units get enough samples and drift of a shared machine (other processes starting
-and stopping) falls on all units alike instead of on whichever was timed at the time.
-The statistics are over all timed runs. Each (unit, t) pair gives one
+optimizations, as the runtime's StageSession) for each t, with intra-op spinning off
+(`session.intra_op.allow_spinning = 0`): a thread pool that spins after a run keeps a
+vCPU busy while the next session is timed, which on 2 shared vCPUs made 2-thread times
+swing by tens of percent. While a 1-thread session is timed the calling thread is pinned
+to one CPU (`os.sched_setaffinity`; sessions are created unpinned, so 2-thread pools
+keep every CPU): unpinned, a migrating thread made the same unit's median move by up to
+20 % between rounds. Every session is warmed up (`warmup` untimed runs and at least
+WARMUP_S seconds), then timed in `rounds` interleaved rounds: each round runs every
+session of the model in turn, ceil(repeats / rounds) runs timed one by one with
+time.perf_counter, and at least MIN_ROUND_S seconds of runs, so tiny units get enough
+samples and drift of a shared machine (other processes starting and stopping) falls on
+all units alike instead of on whichever was timed at the time. The statistics are over
+all timed runs. A fixed reference workload (`reference_model`: two 256 x 256 matmuls
+with ReLU on 64 rows, built with onnx.helper, the same on every host) is timed in every
+round next to the units, per thread count; each record keeps the median of its per-round
+medians as `reference_s`, so records taken at different times say how fast the machine
+was then (drift between runs and between phases of a bench). Each (unit, t) pair gives one
 UnitProfile on backend `cpu{t}` of device "host" (the `host` device preset in
 planner/fleet.py describes this machine), with robust statistics (median,
 p10, p90, and the number of runs more than 3 scaled MADs from the median) and the unit's
@@ -33,7 +43,11 @@ rewritten); every line is a JSON object:
                   for every kind in OP_KINDS},
      "median_s": ..., "p10_s": ..., "p90_s": ..., "repeats": 15, "outliers": 0,
      "timestamp": "2025-01-01T12:00:00+00:00",
-     "parts": []}
+     "parts": [], "reference_s": ...}
+
+"reference_s" is the reference workload's time on the same backend while the record was
+measured (0 or absent: not measured, as in records written before it existed or taken
+from runs).
 
 A stage-level record (a measured stage of a recorded run, `records_from_run`) has the
 stage's units in "unit" ("blocks.0..blocks.3"), the sum of their features in "features",
@@ -50,10 +64,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import platform
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -99,6 +115,7 @@ class UnitProfile:
     host: str = ""
     runtime: str = ""
     parts: tuple[dict[str, float], ...] = ()
+    reference_s: float = 0.0
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, "version": VERSION, **dataclasses.asdict(self)}
@@ -130,7 +147,9 @@ class UnitProfile:
             if not isinstance(features, dict) or not all(
                     isinstance(k, str) and _is_number(v) for k, v in features.items()):
                 raise ValueError("features and parts must be objects of numbers")
-        for name in ("median_s", "p10_s", "p90_s"):
+        for name in ("median_s", "p10_s", "p90_s", "reference_s"):
+            if name not in data:
+                continue
             if not _is_number(data[name]) or not math.isfinite(data[name]) or data[name] < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {data[name]!r}")
         for name in ("repeats", "outliers", "unit_index"):
@@ -228,7 +247,7 @@ def robust_stats(samples: Sequence[float]) -> tuple[float, float, float, int]:
     return median, p10, p90, outliers
 
 
-def _session(path: Path, threads: int):
+def _session(path: Path | bytes, threads: int):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -236,7 +255,52 @@ def _session(path: Path, threads: int):
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    # Spinning pool threads of idle sessions steal the shared vCPUs (module docstring).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def reference_model() -> bytes:
+    """The fixed reference workload, serialized ONNX: relu(relu(x @ w1) @ w2), x 64 x 256,
+    w1 and w2 256 x 256 (seeded), 17 MFLOP."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal((256, 256), dtype=np.float32) / 16,
+                                       name) for name in ("w1", "w2")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h1"]), helper.make_node("Relu", ["h1"], ["a1"]),
+             helper.make_node("MatMul", ["a1", "w2"], ["h2"]), helper.make_node("Relu", ["h2"], ["y"])]
+    graph = helper.make_graph(nodes, "edgeplan-reference",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 256])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 256])],
+                              weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def pinned_cpu() -> int | None:
+    """The CPU 1-thread timings run on: the last one this process may use (None where
+    the platform has no affinity control)."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    return max(os.sched_getaffinity(0))
+
+
+@contextmanager
+def pinned(cpu: int | None):
+    """Pin the calling thread to `cpu` for the block (no-op for None), then restore."""
+    if cpu is None:
+        yield
+        return
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, allowed)
 
 
 def time_session(session, feeds: dict, warmup: int, repeats: int, min_s: float = 0.0) -> list[float]:
@@ -339,14 +403,29 @@ def profile_units(model, example_inputs, *, threads: Sequence[int] = (1, 2), war
                 wanted = {i.name for i in session.get_inputs()}
                 runs.append((session, {k: v for k, v in feeds.items() if k in wanted}))
                 keys.append((index, group, t))
-        for session, feeds in runs:
-            warm_up(session, feeds, warmup)
+        import numpy as np
+
+        reference_feeds = {"x": np.random.default_rng(0).standard_normal((64, 256), dtype=np.float32)}
+        references = {t: _session(reference_model(), t) for t in threads}
+        cpu = pinned_cpu()
+        for (session, feeds), (_, _, t) in zip(runs, keys):
+            with pinned(cpu if t == 1 else None):
+                warm_up(session, feeds, warmup)
+        for t, session in references.items():
+            with pinned(cpu if t == 1 else None):
+                warm_up(session, reference_feeds, warmup)
         samples: list[list[float]] = [[] for _ in runs]
+        reference_rounds: dict[int, list[float]] = {t: [] for t in threads}
         for round_index in range(rounds):
-            for timed, (session, feeds) in zip(samples, runs):
-                timed += time_session(session, feeds, 0, math.ceil(repeats / rounds), MIN_ROUND_S)
+            for t, session in references.items():
+                with pinned(cpu if t == 1 else None):
+                    reference_rounds[t].append(float(np.median(
+                        time_session(session, reference_feeds, 0, 5, MIN_ROUND_S))))
+            for timed, (session, feeds), (_, _, t) in zip(samples, runs, keys):
+                with pinned(cpu if t == 1 else None):
+                    timed += time_session(session, feeds, 0, math.ceil(repeats / rounds), MIN_ROUND_S)
             step(f"round {round_index + 1}/{rounds}")
-        del runs
+        del runs, references
         for (index, group, t), timed in zip(keys, samples):
             parts = tuple(unit_features(unit) for unit in group)
             median, p10, p90, outliers = robust_stats(timed)
@@ -356,7 +435,8 @@ def profile_units(model, example_inputs, *, threads: Sequence[int] = (1, 2), war
                 p10_s=p10, p90_s=p90, repeats=len(timed),
                 timestamp=datetime.now(UTC).isoformat(timespec="seconds"), outliers=outliers,
                 unit_index=index, host=host, runtime=runtime,
-                parts=parts if len(parts) > 1 else ()))
+                parts=parts if len(parts) > 1 else (),
+                reference_s=float(np.median(reference_rounds[t]))))
     records.sort(key=lambda r: (r.unit_index, threads.index(int(r.backend[3:]))))
     return records
 
@@ -474,6 +554,7 @@ __all__ = [
     "format_profiles",
     "profile_units",
     "records_from_run",
+    "reference_model",
     "robust_stats",
     "unit_features",
 ]

@@ -255,6 +255,11 @@ def test_layer_space_gives_one_unit_per_sampled_layer():
                 assert expected in {m.kind for m in unit.op_mix}, (description, unit.op_mix)
         seen.append(family)
     assert tuple(seen) == FAMILIES
+    # conv channel counts are multiples of 8, as in real CNNs
+    for name, bank, _, descriptions in layer_space(samples=8, seed=2, families=("conv", "separable_block")):
+        for layer, description in zip(bank.layers, descriptions):
+            convs = [m for m in layer.modules() if isinstance(m, torch.nn.Conv2d)]
+            assert convs and all(c.in_channels % 8 == 0 and c.out_channels % 8 == 0 for c in convs), description
     again = [d for _, _, _, d in layer_space(samples=3, seed=1)]
     assert again == [d for _, _, _, d in layer_space(samples=3, seed=1)]  # seeded
     with pytest.raises(ValueError, match="unknown"):

@@ -1,6 +1,7 @@
 """Per-unit profiling on the host's ONNX Runtime CPU backends, and the profile store."""
 
 import json
+import os
 import statistics
 
 import pytest
@@ -14,7 +15,10 @@ from edgeplan.planner.profile import (
     OP_KINDS,
     ProfileStore,
     UnitProfile,
+    pinned,
+    pinned_cpu,
     profile_units,
+    reference_model,
     robust_stats,
 )
 
@@ -60,6 +64,44 @@ def test_every_unit_has_a_record_per_backend(profiled):
     assert next(r for r in records if r.unit == "tok_emb").repeats > 5
 
 
+def test_records_carry_the_reference_workloads_time(profiled):
+    records, _ = profiled
+    for backend in ("cpu1", "cpu2"):
+        times = {r.reference_s for r in records if r.backend == backend}
+        # one median per thread count and call: the same for every record of a backend
+        assert len(times) == 1 and 1e-6 < times.pop() < 1.0
+
+
+def test_reference_model_computes_two_relu_matmuls():
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    model = reference_model()
+    assert model == reference_model()  # seeded: the same workload on every host
+    weights = {w.name: numpy_helper.to_array(w) for w in onnx.load_from_string(model).graph.initializer}
+    x = np.random.default_rng(1).standard_normal((64, 256), dtype=np.float32)
+    expected = np.maximum(np.maximum(x @ weights["w1"], 0) @ weights["w2"], 0)
+    (got,) = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this platform")
+def test_pinned_restores_the_affinity():
+    allowed = os.sched_getaffinity(0)
+    cpu = pinned_cpu()
+    assert cpu == max(allowed)
+    with pinned(cpu):
+        assert os.sched_getaffinity(0) == {cpu}
+    assert os.sched_getaffinity(0) == allowed
+    with pytest.raises(RuntimeError), pinned(cpu):
+        raise RuntimeError("timing failed")
+    assert os.sched_getaffinity(0) == allowed  # restored on errors too
+    with pinned(None):
+        assert os.sched_getaffinity(0) == allowed
+
+
 def test_robust_stats_counts_outliers():
     median, p10, p90, outliers = robust_stats([1.0, 1.1, 0.9, 1.0, 1.05, 0.95, 50.0])
     assert median == 1.0 and p10 <= median <= p90 and outliers == 1
@@ -94,6 +136,14 @@ def test_corrupt_line_names_file_and_line(profiled, tmp_path):
     path.write_text(json.dumps({**records[0].to_dict(), "median_s": "fast"}) + "\n")
     with pytest.raises(EdgeplanError, match="line 1.*median_s"):
         store.load()
+    path.write_text(json.dumps({**records[0].to_dict(), "reference_s": -1.0}) + "\n")
+    with pytest.raises(EdgeplanError, match="line 1.*reference_s"):
+        store.load()
+    # a record written before reference_s existed loads, as not measured
+    older = records[0].to_dict()
+    del older["reference_s"]
+    path.write_text(json.dumps(older) + "\n")
+    assert store.load()[0].reference_s == 0.0
     path.write_text(json.dumps({**records[0].to_dict(), "version": 2}) + "\n")
     with pytest.raises(EdgeplanError, match="line 1.*version 2"):
         store.load()
