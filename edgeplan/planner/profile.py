@@ -10,11 +10,12 @@ each unit is exported to ONNX in a temporary directory and timed in an ONNX Runt
 session with `intra_op_num_threads = t` (inter-op 1, sequential execution, default graph
 optimizations, as the runtime's StageSession) for each t, with intra-op spinning off
 (`session.intra_op.allow_spinning = 0`): a thread pool that spins after a run keeps a
-vCPU busy while the next session is timed, which on 2 shared vCPUs made 2-thread times
-swing by tens of percent. While a 1-thread session is timed the calling thread is pinned
-to one CPU (`os.sched_setaffinity`; sessions are created unpinned, so 2-thread pools
-keep every CPU): unpinned, a migrating thread made the same unit's median move by up to
-20 % between rounds. Every session is warmed up (`warmup` untimed runs and at least
+vCPU busy while the next session is timed (on this 2-vCPU VM at load 2-4, 2-thread
+medians of 46 units moved by 18 % (median) between the halves of one pass with spinning,
+1.6 % without; spinning also tripled the pass's wall time). While a 1-thread session is
+timed the calling thread is pinned to one CPU (`os.sched_setaffinity`; sessions are
+created unpinned, so 2-thread pools keep every CPU): in one test unpinned 1-thread medians
+moved by 20 % between the halves of a pass, pinned by 0.5 %. Every session is warmed up (`warmup` untimed runs and at least
 WARMUP_S seconds), then timed in `rounds` interleaved rounds: each round runs every
 session of the model in turn, ceil(repeats / rounds) runs timed one by one with
 time.perf_counter, and at least MIN_ROUND_S seconds of runs, so tiny units get enough
