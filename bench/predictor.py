@@ -146,13 +146,32 @@ def progress_line(prefix: str):
     return progress
 
 
-def build_store(path: Path, samples: int, repeats: int) -> None:
+class Profiler:
+    """profile_units with this run's repeats and the fastest reference times its earlier
+    calls saw, so that a call that runs entirely in a slow spell of the machine waits for
+    it to pass (profile.py: rounds timed again)."""
+
+    def __init__(self, repeats: int):
+        self.repeats = repeats
+        self.fastest: dict[int, float] = {}
+
+    def __call__(self, model, inputs, **kwargs):
+        records = profile_units(model, inputs, repeats=self.repeats,
+                                fastest_reference=self.fastest, **kwargs)
+        for r in records:
+            if r.reference_s > 0:
+                threads = int(r.backend.removeprefix("cpu"))
+                self.fastest[threads] = min(self.fastest.get(threads, r.reference_s), r.reference_s)
+        return records
+
+
+def build_store(path: Path, samples: int, profile: Profiler) -> None:
     path.unlink(missing_ok=True)
     store = ProfileStore(path)
     for name, config in ZOO:
         model, inputs = load_module(EXAMPLES / f"{name}.py").build(**config)
         label = f"{name}-" + "-".join(str(v) for v in config.values() if not isinstance(v, tuple))
-        records = profile_units(model, inputs, repeats=repeats, name=label,
+        records = profile(model, inputs, name=label,
                                 progress=progress_line(label))
         store.append(records)
         # Stages of the zoo models too (splits into 2 and 3 stages), so the predictor
@@ -160,11 +179,11 @@ def build_store(path: Path, samples: int, repeats: int) -> None:
         count = len({r.unit_index for r in records})
         for stages in (2, 3):
             if count >= stages:
-                store.append(profile_units(
-                    model, inputs, repeats=repeats, name=label, stage_of_unit=balanced_split(
+                store.append(profile(
+                    model, inputs, name=label, stage_of_unit=balanced_split(
                         np.ones(count), stages), progress=progress_line(f"{label} {stages} stages")))
     for name, model, inputs, _ in layer_space(samples=samples, seed=0):
-        store.append(profile_units(model, inputs, repeats=repeats, name=name,
+        store.append(profile(model, inputs, name=name,
                                    progress=progress_line(name)))
 
 
@@ -183,7 +202,7 @@ def balanced_split(times: np.ndarray, stages: int) -> list[int]:
     return [s for s in range(stages) for _ in range(bounds[s + 1] - bounds[s])]
 
 
-def measure_held_out(predictor: Predictor, repeats: int):
+def measure_held_out(predictor: Predictor, profile: Profiler):
     """Unit records and stage records (1..4 stages) of every held-out model, and its units
     timed a second time after all of that (the run-to-run noise floor)."""
     units, stages, again = [], [], []
@@ -192,17 +211,17 @@ def measure_held_out(predictor: Predictor, repeats: int):
     for name, build in held_out_models():
         model, inputs = build()
         built.append((name, model, inputs))
-        unit_records = profile_units(model, inputs, repeats=repeats, name=name,
+        unit_records = profile(model, inputs, name=name,
                                      progress=progress_line(f"{name} units"))
         units += unit_records
         per_unit = np.array([cpu1.predict(r.features) for r in unit_records if r.backend == "cpu1"])
         for count in range(1, min(4, len(per_unit)) + 1):
             split = balanced_split(per_unit, count)
-            stages += profile_units(model, inputs, repeats=repeats, name=f"{name}-stages",
+            stages += profile(model, inputs, name=f"{name}-stages",
                                     stage_of_unit=split,
                                     progress=progress_line(f"{name} {count} stage(s)"))
     for name, model, inputs in built:
-        again += profile_units(model, inputs, repeats=repeats, name=f"{name}-repeat",
+        again += profile(model, inputs, name=f"{name}-repeat",
                                progress=progress_line(f"{name} units again"))
     return units, stages, again
 
@@ -248,13 +267,6 @@ def from_measured_units(model, stage_records, unit_records) -> np.ndarray:
         inside = rows[names.index(first): names.index(last or first) + 1]
         out.append(sum(r.median_s for r in inside) - (len(inside) - 1) * model.run_overhead_s)
     return np.array(out)
-
-
-def at_reference(records, reference_s: float):
-    """Records with their times rescaled to a machine whose reference workload takes
-    `reference_s` (records without a reference measurement unchanged)."""
-    return [dataclasses.replace(r, median_s=r.median_s * reference_s / r.reference_s)
-            if r.reference_s > 0 else r for r in records]
 
 
 def errors(predicted: np.ndarray, records) -> np.ndarray:
@@ -322,8 +334,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     started = time.perf_counter()
     print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
+    profile = Profiler(args.repeats)
     if not args.reuse_store:
-        build_store(args.store, args.samples, args.repeats)
+        build_store(args.store, args.samples, profile)
     store_records = ProfileStore(args.store).load()
     predictor = Predictor.fit(store_records)
     trained_s = time.perf_counter() - started
@@ -332,7 +345,7 @@ def main(argv=None) -> int:
         measured = held_out.load()
     else:
         held_out.path.unlink(missing_ok=True)
-        units, stages, again = measure_held_out(predictor, args.repeats)
+        units, stages, again = measure_held_out(predictor, profile)
         held_out.append(units + stages + again)
         measured = units + stages + again
     units = [r for r in measured if not r.parts and not r.model.endswith(("-stages", "-repeat"))]
@@ -382,22 +395,6 @@ def main(argv=None) -> int:
                           else np.zeros(0))
                 print(f"{backend:<8} {level:<6} {family:<16} {len(rows):>4} | {summary(roof)} | "
                       f"{summary(plain)} | {summary(learned)} | {summary(oracle)}")
-
-    print("\nDrift-corrected (diagnostic; the table above is the result): every time rescaled to "
-          "the training store's median reference time, trained and evaluated that way")
-    for backend in BACKENDS:
-        train = [r for r in store_records if r.backend == backend]
-        reference = float(np.median([r.reference_s for r in train if r.reference_s > 0] or [0.0]))
-        if reference <= 0:
-            continue
-        rescaled = fit_model(at_reference(train, reference), "host", backend)
-        first = at_reference([r for r in units if r.backend == backend], reference)
-        second = at_reference([r for r in again if r.backend == backend], reference)
-        line = f"{backend:<8} noise floor {summary(noise_floor(first, second))}"
-        for level, records in (("unit", units), ("stage", stages)):
-            rows = at_reference([r for r in records if r.backend == backend], reference)
-            line += f" | {level} learned {summary(errors(learned_times(rescaled, rows), rows))}"
-        print(line)
 
     print("\nAdaptation to a backend left out of training (held-out units + stages of it):")
     print(f"{'source -> target':<16} {'k':>3} {'median |err|':>12} {'<=10%':>6}")

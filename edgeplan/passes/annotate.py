@@ -9,7 +9,12 @@ FLOP rules (multiply-add = 2 FLOPs): linear/matmul family 2*M*N*K; convolution
 channel of a multi-channel input, else "conv"); scaled-dot-product attention 4*B*H*L*S*E plus the
 softmax; norms and softmax 5 per output element; other elementwise ops and reductions one
 per element; views, embedding gathers and shape ops none. Views alias their input, so
-they carry no bytes of their own.
+they carry no bytes of their own. An inference batch norm that reads a convolution's
+only output, and a ReLU/clamp/sigmoid/tanh/leaky ReLU that reads such a convolution (or
+its folded batch norm), are kind "fused", with no FLOPs or bytes of their own: inference
+runtimes fold them into the convolution (ONNX Runtime's Conv+BatchNormalization and
+Conv+activation fusions), so they cost nothing where the convolution runs in the same
+stage.
 """
 
 from __future__ import annotations
@@ -49,6 +54,11 @@ VIEW_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
 SHAPE_OPS = {aten.arange.default, aten.arange.start, aten.arange.start_step, aten.zeros.default,
              aten.ones.default, aten.full.default, aten.scalar_tensor.default, aten.sym_size.int,
              aten.empty.memory_format}
+# Folded into the convolution before them by inference runtimes (kind "fused").
+FOLDED_NORM_OPS = {aten._native_batch_norm_legit_no_training.default, aten.batch_norm.default}
+FOLDED_ACTIVATION_OPS = {aten.relu.default, aten.relu6.default, aten.hardtanh.default,
+                         aten.clamp.default, aten.sigmoid.default, aten.tanh.default,
+                         aten.leaky_relu.default}
 NORM_FLOPS_PER_ELEMENT = 5
 SOFTMAX_FLOPS_PER_ELEMENT = 5
 
@@ -125,6 +135,9 @@ def annotate(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
             spec = _tensor_spec(node.name, node.meta.get("val"))
             node.meta[TENSOR_KEY] = spec
             kind, flops = _flops(node, spec)
+            if _folds_into_conv(node):
+                node.meta[COST_KEY] = OpCost("fused", 0, 0, spec.nbytes if spec else 0)
+                continue
             if kind == "view":
                 node.meta[COST_KEY] = OpCost(kind, 0, 0, 0)
                 continue
@@ -146,6 +159,26 @@ def annotate(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
                 f"the model with edgeplan.passes.capture.capture"
             )
     return gm
+
+
+def _folds_into_conv(node: torch.fx.Node) -> bool:
+    """Whether an inference runtime folds `node` into the convolution it reads (through
+    a getitem of a batch norm's result tuple), the convolution having no other reader."""
+    if node.target not in FOLDED_NORM_OPS | FOLDED_ACTIVATION_OPS or not node.args:
+        return False
+    producer = node.args[0]
+    if isinstance(producer, torch.fx.Node) and producer.target is operator.getitem:
+        producer = producer.args[0]
+    if not isinstance(producer, torch.fx.Node) or len(producer.users) != 1:
+        return False
+    cost = producer.meta.get(COST_KEY)
+    if cost is None:
+        return False
+    if cost.kind in ("conv", "depthwise"):
+        return True
+    # An activation after a batch norm that is itself folded into a convolution.
+    return (node.target in FOLDED_ACTIVATION_OPS and cost.kind == "fused"
+            and producer.target in FOLDED_NORM_OPS)
 
 
 def _tuple_bytes(value) -> int:

@@ -50,7 +50,8 @@ class OpCost:
     """Static cost of one FX node.
 
     kind: "matmul" | "conv" | "depthwise" | "attention" | "norm" | "elementwise" | "reduce"
-    | "embedding" | "view" | "input" | "param" | "other". `bytes_moved` counts inputs, outputs and weights
+    | "embedding" | "view" | "fused" (folded into the convolution before it: no FLOPs or
+    bytes) | "input" | "param" | "other". `bytes_moved` counts inputs, outputs and weights
     read once (the memory-bound term of a roofline); `param_bytes` is set on weight nodes.
     """
 

@@ -175,7 +175,7 @@ def group_units(gm: torch.fx.GraphModule, granularity: str = "block") -> tuple[U
             nodes=tuple(n.name for n in run),
             flops=sum(c.flops for c in costs),
             bytes_moved=sum(c.bytes_moved for c in costs),
-            op_count=sum(1 for c in costs if c.kind != "view"),
+            op_count=sum(1 for c in costs if c.kind not in ("view", "fused")),  # kernels run
             param_bytes=sum(nbytes for _name, nbytes in params),
             param_names=tuple(name for name, _ in params),
             param_sizes=tuple(nbytes for _, nbytes in params),

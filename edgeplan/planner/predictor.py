@@ -57,8 +57,9 @@ from edgeplan.errors import EdgeplanError
 from edgeplan.planner.cost import CostTables, RooflineCostModel
 from edgeplan.planner.profile import OP_KINDS, UnitProfile, unit_features
 
-# Kinds whose nodes cost time; views alias and "input"/"param" are not ops.
-PREDICTED_KINDS = tuple(kind for kind in OP_KINDS if kind != "view")
+# Kinds whose nodes cost time; views alias, "fused" ops run inside the convolution before
+# them, and "input"/"param" are not ops.
+PREDICTED_KINDS = tuple(kind for kind in OP_KINDS if kind not in ("view", "fused"))
 BASIS = ("runs",) + tuple(f"{kind}_{quantity}" for kind in PREDICTED_KINDS
                           for quantity in ("count", "flops", "bytes"))
 # An own fit needs a few records per coefficient; fewer means adapting a known backend.

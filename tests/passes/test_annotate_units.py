@@ -55,6 +55,36 @@ def test_conv_flops():
     assert conv.flops == 2 * (4 * 6 * 6) * (3 * 3 * 3)
 
 
+class ConvNormAct(nn.Module):
+    """conv -> BN -> ReLU6 (folded by inference runtimes), then a BN and a ReLU that read
+    a tensor two ops use (a conv with a second reader; an add): not folded."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = F.relu6(self.bn(self.conv(x)))
+        z = self.conv2(y)
+        return F.relu(self.bn2(z) + z)
+
+
+def test_norm_and_activation_after_a_conv_are_fused():
+    model = ConvNormAct().eval()
+    gm = annotate(capture(model, (torch.randn(1, 3, 8, 8),)))
+    kinds = costs_by_kind(gm)
+    assert len(kinds["fused"]) == 2  # bn and relu6 after the first conv
+    assert all(c.flops == 0 and c.bytes_moved == 0 and c.output_bytes == 4 * 4 * 8 * 8
+               for c in kinds["fused"])
+    assert len(kinds["norm"]) == 1  # bn2 reads conv2, which the add reads too
+    assert len(kinds["elementwise"]) == 2  # the add, and the relu after it
+    units = group_units(gm)
+    # fused ops launch no kernel: 2 convs, bn2, add, relu
+    assert sum(u.op_count for u in units) == 5
+    assert sum(m.count for u in units for m in u.op_mix if m.kind == "fused") == 2
+
+
 class AttentionOnly(nn.Module):
     def forward(self, q, k, v):
         return F.scaled_dot_product_attention(q, k, v)

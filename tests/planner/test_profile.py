@@ -15,6 +15,7 @@ from edgeplan.planner.profile import (
     OP_KINDS,
     ProfileStore,
     UnitProfile,
+    choose_rounds,
     pinned,
     pinned_cpu,
     profile_units,
@@ -100,6 +101,20 @@ def test_pinned_restores_the_affinity():
     assert os.sched_getaffinity(0) == allowed  # restored on errors too
     with pinned(None):
         assert os.sched_getaffinity(0) == allowed
+
+
+def test_rounds_timed_while_the_machine_ran_slow_are_timed_again():
+    fast = {1: 100e-6, 2: 80e-6}
+    steady, slow = {1: 105e-6, 2: 82e-6}, {1: 160e-6, 2: 82e-6}  # 5 % and 60 % slower
+    assert choose_rounds([steady, steady], fast, rounds=3, extra_rounds=3) is None
+    assert choose_rounds([steady, steady, steady], fast, rounds=3, extra_rounds=3) == [0, 1, 2]
+    # a round with one slow backend's reference does not count: time another
+    assert choose_rounds([steady, slow, steady], fast, rounds=3, extra_rounds=3) is None
+    assert choose_rounds([steady, slow, steady, steady], fast, 3, 3) == [0, 2, 3]
+    # the budget spent: keep the least slowed rounds
+    slower = {1: 200e-6, 2: 80e-6}
+    assert choose_rounds([slower, slow, slower, slow, steady, slower], fast, 3, 3) == [1, 3, 4]
+    assert choose_rounds([slow], fast, rounds=1, extra_rounds=0) == [0]  # no retries allowed
 
 
 def test_robust_stats_counts_outliers():
