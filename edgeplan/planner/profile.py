@@ -97,7 +97,7 @@ MIN_ROUND_S = 0.005
 # the fastest it ran in the same call (other tenants' bursts slow it by up to 1.6x here).
 DRIFT_TOLERANCE = 0.10
 # Pause before timing a slowed round again: the bursts last seconds.
-RETRY_WAIT_S = 0.2
+RETRY_WAIT_S = 0.5
 MAD_SCALE = 1.4826  # MAD * 1.4826 estimates the standard deviation of a normal sample
 
 Progress = Callable[[int, int, str], None]
