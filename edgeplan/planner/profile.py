@@ -26,7 +26,8 @@ with ReLU on 64 rows, built with onnx.helper, the same on every host) is timed b
 and after every round, per thread count. Other tenants of this VM's host slow everything
 down in bursts of seconds (the reference ran 127-215 us within one minute, at load
 average < 1): a round whose reference ran more than DRIFT_TOLERANCE slower than the
-fastest reference (of the call, or `fastest_reference` from earlier calls) is timed
+fastest reference (of the call, or `fastest_reference` from earlier calls; the reference
+with the fewest threads, pinned, decides: choose_rounds) is timed
 again after a pause of RETRY_WAIT_S, up to `extra_rounds` more rounds, and the `rounds`
 rounds with the steadiest reference are kept. Each record keeps the median
 reference time of its kept rounds as `reference_s`, so records taken at different times
@@ -297,20 +298,24 @@ def choose_rounds(round_references: Sequence[dict[int, float]], fastest: dict[in
     """Indices of the rounds to keep, or None to time another round.
 
     `round_references[i]` is the reference workload's time around round i per thread
-    count, `fastest` the fastest reference time seen. Done when `rounds` rounds are steady
-    (within DRIFT_TOLERANCE of the fastest) or `rounds + extra_rounds` were timed; then the
+    count, `fastest` the fastest reference time seen. The machine's speed is read from the
+    reference with the fewest threads (pinned to one CPU: other tenants' slow spells show
+    there; a 2-thread reference also swings with whatever runs on the other vCPU, often
+    for minutes, which no retry waits out). Done when `rounds` rounds are steady (within
+    DRIFT_TOLERANCE of the fastest) or `rounds + extra_rounds` were timed; then the
     `rounds` rounds with the lowest reference relative to the fastest are kept.
     """
     steady = sum(_is_steady(refs, fastest) for refs in round_references)
     if steady < rounds and len(round_references) < rounds + extra_rounds:
         return None
-    slowdown = [max(refs[t] / fastest[t] for t in refs) for refs in round_references]
+    slowdown = [refs[min(refs)] / fastest[min(refs)] for refs in round_references]
     return sorted(sorted(range(len(round_references)), key=lambda i: slowdown[i])[:rounds])
 
 
 def _is_steady(references: dict[int, float], fastest: dict[int, float]) -> bool:
-    """Whether a round's reference times lie within DRIFT_TOLERANCE of the fastest seen."""
-    return all(references[t] <= fastest[t] * (1.0 + DRIFT_TOLERANCE) for t in references)
+    """Whether a round's fewest-thread reference lies within DRIFT_TOLERANCE of the fastest."""
+    probe = min(references)
+    return references[probe] <= fastest[probe] * (1.0 + DRIFT_TOLERANCE)
 
 
 def pinned_cpu() -> int | None:
