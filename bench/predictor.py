@@ -5,7 +5,9 @@
 One run, in order:
 1. Training store: the zoo (examples/gpt.py and examples/resnet.py at several sizes) and
    the sampled layer space (planner/layer_space.py) profiled unit by unit on this host's
-   ONNX Runtime CPU with 1 and 2 threads (`profile_units`: warm-up, repeats, median).
+   ONNX Runtime CPU with 1 and 2 threads (`profile_units`: warm-up, repeats, median,
+   rounds retried while the reference workload ran slow), and the zoo models also split
+   into 2 and 3 stages (stage records: what running units together changes).
 2. Held out (never in the store): HF GPT-2 and HF LLaMA built from configs
    (examples/gpt2_hf.py, examples/llama_hf.py) and a depthwise-separable CNN defined here
    (the zoo's CNNs are dense-conv ResNets; the layer space has its own LLaMA-style and
@@ -17,15 +19,19 @@ One run, in order:
    |run 1 / run 2 - 1|; no predictor can be judged below it.
 4. The table: median |error| and share within +-10 % of roofline (the `host` device
    preset's figures), of the additive law alone and of the learned predictor (additive x
-   residual model), per unit and per stage, per backend.
+   residual model), per unit and per stage, per backend; and for stages, each stage
+   predicted from its own units' measured times ("units measured": the best a per-unit
+   predictor can do). Before it, the reference workload's time per phase (drift).
 5. Adaptation: a predictor trained on one backend only, moved to the other from k = 0, 5,
    10, 20 random samples of the other's training records (median over 10 draws).
 6. The predictor's cost: per predicted unit, and costing every unit of a LLaMA-7B-shaped
    model (meta tensors) on the host fleet.
 
-Timings drift 20-30 % between runs on a shared 2-vCPU VM: training and evaluation are
-measured in the same run, minutes apart, and the script prints the load average before
-and after. Re-run it when the machine is quiet.
+This 2-vCPU VM slows down in spells of seconds (other tenants) that the load average
+does not show; profile_units retries rounds timed in them (the `Profiler` here hands it
+the fastest reference of earlier calls). Training and evaluation are measured in the same
+run, minutes apart, and the script prints the load average before and after. Re-run it
+when the machine is quiet.
 """
 
 from __future__ import annotations
