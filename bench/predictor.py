@@ -66,7 +66,11 @@ from edgeplan.planner.predictor import (  # noqa: E402
     adapt,
     fit_model,
 )
-from edgeplan.planner.profile import ProfileStore, profile_units  # noqa: E402
+from edgeplan.planner.profile import (  # noqa: E402
+    ProfileStore,
+    fastest_reference_of,
+    profile_units,
+)
 
 EXAMPLES = ROOT / "examples"
 BACKENDS = ("cpu1", "cpu2")
@@ -159,15 +163,14 @@ class Profiler:
 
     def __init__(self, repeats: int):
         self.repeats = repeats
+        self.seen: list = []
         self.fastest: dict[int, float] = {}
 
     def __call__(self, model, inputs, **kwargs):
         records = profile_units(model, inputs, repeats=self.repeats,
                                 fastest_reference=self.fastest, **kwargs)
-        for r in records:
-            if r.reference_s > 0:
-                threads = int(r.backend.removeprefix("cpu"))
-                self.fastest[threads] = min(self.fastest.get(threads, r.reference_s), r.reference_s)
+        self.seen += records
+        self.fastest = fastest_reference_of(self.seen)
         return records
 
 

@@ -191,6 +191,7 @@ def cmd_run(args) -> int:
 def cmd_profile(args) -> int:
     from edgeplan.planner.profile import (
         ProfileStore,
+        fastest_reference_of,
         format_profiles,
         profile_units,
         records_from_run,
@@ -201,6 +202,8 @@ def cmd_profile(args) -> int:
                             "--layer-space, or --from-run DIR")
     store = ProfileStore(args.store)
     progress = progress_bar
+    # Slow spells of the machine are judged against the fastest this host's records saw.
+    measured = store.load() if store.path.is_file() and (args.model or args.layer_space) else []
 
     records = []
     if args.model:
@@ -212,13 +215,14 @@ def cmd_profile(args) -> int:
         records += profile_units(
             model, example_inputs, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
             name=args.model.rpartition(":")[0].rpartition("/")[2].removesuffix(".py") or None,
-            progress=progress)
+            progress=progress, fastest_reference=fastest_reference_of(measured))
     if args.layer_space:
         from edgeplan.planner.layer_space import layer_space
 
         for name, bank, inputs, _ in layer_space(samples=args.samples, seed=args.seed):
             records += profile_units(bank, inputs, threads=args.threads, warmup=args.warmup,
-                                     repeats=args.repeats, name=name, progress=progress)
+                                     repeats=args.repeats, name=name, progress=progress,
+                                     fastest_reference=fastest_reference_of([*measured, *records]))
     if records:
         print(format_profiles(records))
     if args.from_run:

@@ -312,6 +312,19 @@ def choose_rounds(round_references: Sequence[dict[int, float]], fastest: dict[in
     return sorted(sorted(range(len(round_references)), key=lambda i: slowdown[i])[:rounds])
 
 
+def fastest_reference_of(records: Iterable[UnitProfile], host: str | None = None) -> dict[int, float]:
+    """Thread count -> the fastest `reference_s` among this host's records (device "host",
+    backends cpu{t}): what `profile_units(fastest_reference=...)` takes, so that profiling
+    added to a store later waits out slow spells judged by the store's own speed."""
+    host = platform.node() if host is None else host
+    fastest: dict[int, float] = {}
+    for r in records:
+        if r.reference_s > 0 and r.device == DEVICE and r.host == host and r.backend.startswith("cpu"):
+            threads = int(r.backend.removeprefix("cpu"))
+            fastest[threads] = min(fastest.get(threads, r.reference_s), r.reference_s)
+    return fastest
+
+
 def _is_steady(references: dict[int, float], fastest: dict[int, float]) -> bool:
     """Whether a round's fewest-thread reference lies within DRIFT_TOLERANCE of the fastest."""
     probe = min(references)
@@ -628,6 +641,7 @@ __all__ = [
     "backend_name",
     "choose_rounds",
     "combine_features",
+    "fastest_reference_of",
     "format_profiles",
     "profile_units",
     "records_from_run",

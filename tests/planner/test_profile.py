@@ -16,6 +16,7 @@ from edgeplan.planner.profile import (
     ProfileStore,
     UnitProfile,
     choose_rounds,
+    fastest_reference_of,
     pinned,
     pinned_cpu,
     profile_units,
@@ -118,6 +119,23 @@ def test_rounds_timed_while_the_machine_ran_slow_are_timed_again():
     slower = {1: 200e-6, 2: 80e-6}
     assert choose_rounds([slower, slow, slower, slow, steady, slower], fast, 3, 3) == [1, 3, 4]
     assert choose_rounds([slow], fast, rounds=1, extra_rounds=0) == [0]  # no retries allowed
+
+
+def test_fastest_reference_of_this_hosts_records(profiled):
+    import dataclasses
+
+    records, _ = profiled
+    base = records[0]
+    rows = [dataclasses.replace(base, backend="cpu1", reference_s=130e-6, host="here"),
+            dataclasses.replace(base, backend="cpu1", reference_s=150e-6, host="here"),
+            dataclasses.replace(base, backend="cpu2", reference_s=170e-6, host="here"),
+            dataclasses.replace(base, backend="cpu1", reference_s=90e-6, host="elsewhere"),
+            dataclasses.replace(base, backend="cpu2", reference_s=0.0, host="here"),  # from a run
+            dataclasses.replace(base, backend="cpu1", reference_s=80e-6, host="here", device="pi5")]
+    assert fastest_reference_of(rows, host="here") == {1: 130e-6, 2: 170e-6}
+    assert fastest_reference_of([], host="here") == {}
+    # profiled here: every backend of the call has its reference
+    assert set(fastest_reference_of(records)) == {1, 2}
 
 
 def test_robust_stats_counts_outliers():
