@@ -55,6 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from edgeplan.cli import load_module  # noqa: E402
+from edgeplan.errors import EdgeplanError  # noqa: E402
 from edgeplan.passes.annotate import annotate  # noqa: E402
 from edgeplan.passes.capture import capture  # noqa: E402
 from edgeplan.passes.units import group_units  # noqa: E402
@@ -350,9 +351,15 @@ def main(argv=None) -> int:
     predictor = Predictor.fit(store_records)
     trained_s = time.perf_counter() - started
     held_out = ProfileStore(args.store.with_name(args.store.stem + "_heldout.jsonl"))
+    previous = []  # the previous run's held-out records: the noise floor across runs
     if args.reuse_store and held_out.path.is_file():
         measured = held_out.load()
     else:
+        if held_out.path.is_file():
+            try:
+                previous = held_out.load()
+            except EdgeplanError:
+                previous = []  # written by an older bench: nothing to compare with
         held_out.path.unlink(missing_ok=True)
         units, stages, again = measure_held_out(predictor, profile)
         held_out.append(units + stages + again)
@@ -382,6 +389,14 @@ def main(argv=None) -> int:
         second = [r for r in again if r.backend == backend]
         if len(first) == len(second) and first:
             print(f"{backend:<8} {len(first):>4} units: |run 1 / run 2 - 1| {summary(noise_floor(first, second))}")
+    earlier = {(r.model, r.unit, r.backend): r for r in previous
+               if not r.parts and not r.model.endswith(("-stages", "-repeat"))}
+    for backend in BACKENDS:
+        pairs = [(r, earlier[(r.model, r.unit, r.backend)]) for r in units
+                 if r.backend == backend and (r.model, r.unit, r.backend) in earlier]
+        if pairs:
+            print(f"{backend:<8} {len(pairs):>4} units: vs the previous bench run's ("
+                  f"{pairs[0][1].timestamp}) {summary(noise_floor(*zip(*pairs)))}")
 
     print("\nHeld-out models (never in the store): median |error| and share within +-10 %;")
     print("additive = the per-kind law alone, learned = additive x residual model (+ c_run once per stage)")
