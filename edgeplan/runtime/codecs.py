@@ -72,9 +72,11 @@ trusted with the bytes themselves, as it is for raw.
 
 Only numpy, the stdlib and (for "+zstd") zstandard: devices import this without torch.
 Everything is vectorized numpy over chunks of 64K values, so the intermediates of a
-multi-step transform stay in L2 instead of streaming through memory. On a 2.8 GHz Xeon
-core a 16 MB float32 activation encodes at about 1.4 (fp16) to 3.5 (int8) GB/s and decodes
-at 3 to 6 GB/s; "+zstd" brings float bases to about 0.9 to 1.1 GB/s (bench/compress.py).
+multi-step transform stay in L2 instead of streaming through memory, and each thread keeps
+its body and byte-plane buffers for the next call (at most twice the largest boundary it
+sent; the payload is a copy). On a 2.8 GHz Xeon core a 16 MB float32 activation encodes at
+about 1.4 (fp16) to 4 (int4) GB/s and decodes at 3 to 7 GB/s; "+zstd" brings float bases
+to about 0.85 (fp16) to 1.15 (raw) GB/s (bench/compress.py).
 """
 
 from __future__ import annotations
@@ -214,9 +216,23 @@ def _dtype_tag(dtype: np.dtype) -> str:
 class _Local(threading.local):
     cctx = None
     dctx = None
+    # Encoders build the body, and the zstd stage its byte planes, in buffers kept for the
+    # next call (the payload is a copy): a fresh buffer of a boundary's size costs a page
+    # fault per 4 KiB, as much as a codec pass over it.
+    body = np.empty(0, np.uint8)
+    planes = np.empty(0, np.uint8)
 
 
 _local = _Local()
+
+
+def _scratch(name: str, nbytes: int) -> np.ndarray:
+    """`nbytes` of this thread's reusable buffer `name` ("body" or "planes"), uint8."""
+    buffer = getattr(_local, name)
+    if buffer.size < nbytes:
+        buffer = np.empty(nbytes, np.uint8)
+        setattr(_local, name, buffer)
+    return buffer[:nbytes]
 
 
 def _need_zstd(what: str):
@@ -254,8 +270,10 @@ def _pack_lossless(body, width: int) -> tuple:
         return (_compress(body),)
     words = np.frombuffer(body, np.uint8)
     n = words.size // width
-    top = _compress(words[width - 1::width].copy())
-    low = np.empty(words.size - n, np.uint8)
+    planes = _scratch("planes", words.size)
+    top, low = planes[:n], planes[n:]
+    top[:] = words[width - 1::width]
+    top = _compress(top)
     if width == 4:
         low[:2 * n].view("<u2")[:] = words.view("<u2")[0::2]
         low[2 * n:] = words[2::4]
@@ -454,7 +472,7 @@ def _f16_bits_to_f32(h16: np.ndarray, out: np.ndarray, s) -> None:
 def _encode_fp16(x: np.ndarray, codec: Codec) -> np.ndarray:
     flat = x.reshape(-1)
     n = flat.size
-    out = np.empty(n, "<u2")
+    out = _scratch("body", 2 * n).view("<u2")
     if x.dtype != np.float32 or sys.byteorder != "little":
         _check_range(x.min(), x.max(), codec, _FP16_OVERFLOW, _FP16_FIX)
         out.view("<f2")[...] = flat  # numpy's own cast (float64: one rounding, not two)
@@ -474,7 +492,7 @@ def _encode_bf16(x: np.ndarray, codec: Codec) -> np.ndarray:
     _check_range(x.min(), x.max(), codec, _BF16_OVERFLOW, "use 'raw'")
     flat = x.reshape(-1)
     n = flat.size
-    out = np.empty(n, "<u2")
+    out = _scratch("body", 2 * n).view("<u2")
     t = np.empty(min(n, _CHUNK), np.uint32)
     f32 = np.empty(min(n, _CHUNK), np.float32) if x.dtype != np.float32 else None
     for _, _, s, e in _blocks(1, n):
@@ -545,7 +563,7 @@ def _encode_affine(x: np.ndarray, base: str, codec: Codec):
     lo, scale, inv, sdtype, work = _affine_params(x, base, codec, layout)
     nscale = lo.size
     pbytes = 2 * nscale * sdtype.itemsize
-    body = np.empty(pbytes + -(-n // per_byte), np.uint8)
+    body = _scratch("body", pbytes + -(-n // per_byte))
     body[:pbytes // 2] = scale.astype(sdtype.newbyteorder("<")).view(np.uint8)
     body[pbytes // 2:pbytes] = lo.astype(sdtype.newbyteorder("<")).view(np.uint8)
     data = body[pbytes:]
@@ -633,7 +651,7 @@ def _encode_row(x: np.ndarray, codec: Codec):
         scale, inv = np.where(np.isfinite(inv), scale, 0).astype(sdtype), np.nan_to_num(inv, posinf=0.0)
     inv = inv.astype(work)
     pbytes = rows * sdtype.itemsize
-    body = np.empty(pbytes + x.size, np.uint8)
+    body = _scratch("body", pbytes + x.size)
     body[:pbytes] = scale.astype(sdtype.newbyteorder("<")).view(np.uint8)
     q2 = body[pbytes:].view(np.int8).reshape(rows, cols)
     for r0, r1, c0, c1 in _blocks(rows, cols):

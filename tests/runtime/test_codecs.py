@@ -571,3 +571,22 @@ def test_reference_figure_is_int8_encode_plus_decode():
     combined = reference_gbs(repeats=3, activation=x)
     # 1 / (1/enc + 1/dec) lies below the slower of the two (timings differ run to run)
     assert 0 < combined < 2 * min(speed.encode_gbs, speed.decode_gbs)
+
+
+def test_reused_buffers_never_leak_into_payloads():
+    """Encoders reuse per-thread buffers: earlier payloads stay intact, threads stay apart."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(11)
+    arrays = [rng.standard_normal(size).astype(np.float32) for size in (70001, 5, 300000, 70001)]
+    for name in ("int8", "fp16+zstd", "raw+zstd", "int8-row", "int4+zstd", "bf16"):
+        payloads = [encode(a, name) for a in arrays]
+        frozen = [bytes(p) for p in payloads]
+        assert payloads == frozen  # nothing wrote into an earlier payload
+        expected = [decode(p) for p in payloads]
+        with ThreadPoolExecutor(4) as pool:
+            for _ in range(3):
+                again = list(pool.map(lambda a: encode(a, name), arrays))
+                assert again == frozen, name
+        for e, p in zip(expected, payloads):
+            assert np.array_equal(decode(p), e)
