@@ -212,7 +212,8 @@ def _dominated(wire: np.ndarray, encode: np.ndarray, decode_s: np.ndarray, withi
     return dominated
 
 
-def codec_time_scale(fleet: Fleet, host_gbs: float) -> np.ndarray:
-    """[device]: host codec speed / the device's (`codec_gbs`), 1 where the fleet gives none."""
-    return np.array([1.0 if device.codec_gbs is None else host_gbs / device.codec_gbs
-                     for device in fleet.devices])
+def codec_time_scale(fleet: Fleet, device_names: Sequence[str], host_gbs: float) -> np.ndarray:
+    """[device] in `device_names` order: host codec speed / the device's (`codec_gbs`), 1
+    where the fleet gives none."""
+    speeds = [fleet.device(name).codec_gbs for name in device_names]
+    return np.array([1.0 if speed is None else host_gbs / speed for speed in speeds])
