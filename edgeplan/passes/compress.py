@@ -22,9 +22,8 @@ device states `codec_gbs` in the fleet file), 1 where a device states none.
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -35,6 +34,7 @@ from edgeplan.passes.capture import bind_inputs, fetch_attr, signature_of
 from edgeplan.passes.units import Unit
 from edgeplan.planner.cost import CostTables
 from edgeplan.planner.fleet import Fleet
+from edgeplan.runtime.codec_speed import best_time
 from edgeplan.runtime.codecs import Codec, all_codecs, decode
 
 TIMING_REPEATS = 3
@@ -119,15 +119,6 @@ class _Replayer:
         return self._outputs(env)
 
 
-def _timed(action, repeats: int = TIMING_REPEATS):
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        started = time.perf_counter()
-        result = action()
-        best = min(best, time.perf_counter() - started)
-    return best, result
-
-
 def measure_cuts(gm: torch.fx.GraphModule, units: Sequence[Unit], calibration: Sequence,
                  codecs: Sequence[Codec] | None = None) -> tuple[CutMeasurements, ...]:
     """Measure every codec at every cut on the calibration batches (see module docstring)."""
@@ -152,8 +143,10 @@ def measure_cuts(gm: torch.fx.GraphModule, units: Sequence[Unit], calibration: S
             agreements = []
             for replayer in replayers:
                 arrays = {n: replayer.values[replayer.by_name[n]].detach().numpy() for n in names}
-                encode_time, payloads = _timed(lambda: {n: codec.encode(a) for n, a in arrays.items()})
-                decode_time, decoded = _timed(lambda: {n: decode(p) for n, p in payloads.items()})
+                encode_time, payloads = best_time(lambda: {n: codec.encode(a) for n, a in arrays.items()},
+                                                  TIMING_REPEATS)
+                decode_time, decoded = best_time(lambda: {n: decode(p) for n, p in payloads.items()},
+                                                 TIMING_REPEATS)
                 encode_s += encode_time
                 decode_s += decode_time
                 wire += sum(len(p) for p in payloads.values())
@@ -212,8 +205,12 @@ def _dominated(wire: np.ndarray, encode: np.ndarray, decode_s: np.ndarray, withi
     return dominated
 
 
-def codec_time_scale(fleet: Fleet, device_names: Sequence[str], host_gbs: float) -> np.ndarray:
+def codec_time_scale(fleet: Fleet, device_names: Sequence[str],
+                     measure_host_gbs: Callable[[], float]) -> np.ndarray:
     """[device] in `device_names` order: host codec speed / the device's (`codec_gbs`), 1
-    where the fleet gives none."""
+    where the fleet gives none; the host is measured only if some device states a figure."""
     speeds = [fleet.device(name).codec_gbs for name in device_names]
+    if all(speed is None for speed in speeds):
+        return np.ones(len(speeds))
+    host_gbs = measure_host_gbs()
     return np.array([1.0 if speed is None else host_gbs / speed for speed in speeds])

@@ -145,7 +145,7 @@ def compress_pass(c: Compilation) -> Compilation:
     cuts = measure_cuts(c.graph, c.units, calibration)
     tables = offer_codecs(c.tables, cuts, c.options.max_error, c.options.min_agreement)
     tables = dataclasses.replace(tables, codec_time_scale=codec_time_scale(
-        c.fleet, tables.device_names, reference_gbs()))
+        c.fleet, tables.device_names, reference_gbs))
     return dataclasses.replace(c, tables=tables, cuts=cuts)
 
 

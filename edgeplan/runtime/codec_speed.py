@@ -17,11 +17,15 @@ Only numpy and the stdlib (and zstandard through the codecs): devices import thi
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
 from edgeplan.runtime.codecs import Codec, all_codecs, decode, encode
+
+T = TypeVar("T")
 
 REFERENCE_CODEC = "int8"
 ACTIVATION_SHAPE = (8, 512, 1024)  # 16 MB of float32: a transformer's hidden states
@@ -41,20 +45,21 @@ def reference_activation() -> np.ndarray:
     return np.random.default_rng(0).standard_normal(ACTIVATION_SHAPE, dtype=np.float32)
 
 
-def _best_s(action, repeats: int) -> float:
-    best = float("inf")
+def best_time(action: Callable[[], T], repeats: int) -> tuple[float, T]:
+    """(fastest of `repeats` calls in seconds, the last call's result)."""
+    best, result = float("inf"), None
     for _ in range(repeats):
         started = time.perf_counter()
-        action()
+        result = action()
         best = min(best, time.perf_counter() - started)
-    return best
+    return best, result
 
 
 def measure_codec(codec: Codec | str, activation: np.ndarray, repeats: int = 5) -> CodecSpeed:
     """Bytes ratio and best-of-`repeats` encode and decode GB/s of `codec` on `activation`."""
     payload = encode(activation, codec)
-    encode_s = _best_s(lambda: encode(activation, codec), repeats)
-    decode_s = _best_s(lambda: decode(payload), repeats)
+    encode_s, _ = best_time(lambda: encode(activation, codec), repeats)
+    decode_s, _ = best_time(lambda: decode(payload), repeats)
     name = codec if isinstance(codec, str) else codec.name
     return CodecSpeed(name, activation.nbytes / len(payload), activation.nbytes / encode_s / 1e9,
                       activation.nbytes / decode_s / 1e9)

@@ -1,5 +1,6 @@
 """Compression: codec measurements per cut, the budget, and codecs applied by the runtime."""
 
+import dataclasses
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import edgeplan
 from edgeplan.errors import PlanError
 from edgeplan.passes.annotate import annotate
 from edgeplan.passes.capture import capture
-from edgeplan.passes.compress import measure_cuts, offer_codecs
+from edgeplan.passes.compress import codec_time_scale, measure_cuts, offer_codecs
 from edgeplan.passes.units import group_units
 from edgeplan.planner.plan import Plan
 
@@ -132,6 +133,14 @@ def test_codec_times_scale_to_each_device(monkeypatch):
     scale = {"a": 2.0, "b": 0.4}
     assert first.boundary.encode_s == pytest.approx(measured.encode_s * scale[first.device])
     assert first.boundary.decode_s == pytest.approx(measured.decode_s * scale[second.device])
+
+    def not_needed():
+        raise AssertionError("no device states codec_gbs: the host need not be measured")
+
+    plain = Fleet("pair", (dataclasses.replace(fleet.devices[0], codec_gbs=None),
+                           dataclasses.replace(fleet.devices[1], codec_gbs=None)))
+    assert codec_time_scale(plain, ("b", "a"), not_needed).tolist() == [1.0, 1.0]
+    assert codec_time_scale(fleet, ("b", "a"), lambda: 1.4) == pytest.approx([0.4, 2.0])
 
 
 def test_meta_weights_cannot_be_calibrated():
