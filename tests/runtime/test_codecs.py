@@ -521,14 +521,20 @@ def test_random_bytes_raise_artifact_error(blob):
 # --------------------------------------------------------------------------- dependencies
 
 
-def test_import_stays_torch_free():
-    code = ("import sys, edgeplan.runtime.codecs as c; "
-            "bad = [m for m in ('torch', 'ortools', 'onnx') if m in sys.modules]; "
-            "assert not bad, bad; print(len(c.all_codecs()))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=False, timeout=60)
+def run_torch_free(code: str, timeout: int) -> str:
+    """stdout of `code` in a fresh interpreter, which must end with torch, ortools and onnx
+    never imported (what a device without them can run)."""
+    check = ("import sys; bad = [m for m in ('torch', 'ortools', 'onnx') if m in sys.modules]; "
+             "assert not bad, bad")
+    out = subprocess.run([sys.executable, "-c", f"{code}\n{check}"], capture_output=True,
+                         text=True, check=False, timeout=timeout)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "16"
+    return out.stdout
+
+
+def test_import_stays_torch_free():
+    stdout = run_torch_free("import edgeplan.runtime.codecs as c; print(len(c.all_codecs()))", 60)
+    assert stdout.strip() == "16"
 
 
 def test_module_uses_only_numpy_stdlib_and_zstandard():
@@ -549,16 +555,11 @@ def test_module_uses_only_numpy_stdlib_and_zstandard():
 
 def test_codecs_command_runs_torch_free_and_prints_the_fleet_figure():
     """`edgeplan codecs` is what a device runs to state its codec_gbs: numpy and zstandard only."""
-    code = ("import sys; from edgeplan.cli import main; rc = main(['codecs', '--repeats', '1']); "
-            "bad = [m for m in ('torch', 'ortools', 'onnx') if m in sys.modules]; "
-            "assert rc == 0 and not bad, (rc, bad)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=False, timeout=120)
-    assert out.returncode == 0, out.stderr
-    rows = {line.split()[0]: line.split()[1:] for line in out.stdout.splitlines()[2:-2]}
+    stdout = run_torch_free("from edgeplan.cli import main; assert main(['codecs', '--repeats', '1']) == 0", 120)
+    rows = {line.split()[0]: line.split()[1:] for line in stdout.splitlines()[2:-2]}
     assert set(rows) == {c.name for c in all_codecs()}
     assert rows["int8"][0] == "4.00x" and rows["raw"][0] == "1.00x"
-    figure = float(out.stdout.splitlines()[-1].rsplit("=", 1)[1])
+    figure = float(stdout.splitlines()[-1].rsplit("=", 1)[1])
     assert figure > 0 and all(float(cell) > 0 for cells in rows.values() for cell in cells[1:])
 
 
