@@ -464,24 +464,29 @@ def profile_units(model, example_inputs, *, threads: Sequence[int] = (1, 2), war
         reference_feeds = {"x": np.random.default_rng(0).standard_normal((64, 256), dtype=np.float32)}
         references = {t: _session(reference_model(), t) for t in threads}
         cpu = pinned_cpu()
+
+        def pinned_for(threads_used: int):
+            """1-thread timings run pinned to one CPU, others unpinned (module docstring)."""
+            return pinned(cpu if threads_used == 1 else None)
+
         for (session, feeds), (_, _, t) in zip(runs, keys):
-            with pinned(cpu if t == 1 else None):
+            with pinned_for(t):
                 warm_up(session, feeds, warmup)
         for t, session in references.items():
-            with pinned(cpu if t == 1 else None):
+            with pinned_for(t):
                 warm_up(session, reference_feeds, warmup)
 
         def reference_times() -> dict[int, float]:
             times = {}
             for t, session in references.items():
-                with pinned(cpu if t == 1 else None):
+                with pinned_for(t):
                     times[t] = float(np.median(time_session(session, reference_feeds, 0, 5, MIN_ROUND_S)))
             return times
 
         def time_round() -> list[list[float]]:
             timed = []
             for (session, feeds), (_, _, t) in zip(runs, keys):
-                with pinned(cpu if t == 1 else None):
+                with pinned_for(t):
                     timed.append(time_session(session, feeds, 0, math.ceil(repeats / rounds), MIN_ROUND_S))
             return timed
 
