@@ -255,7 +255,7 @@ def test_one_device_fits_only_when_a_shared_weight_counts_once():
                         "device_names": ("d0",), "slots": (("d0", "cpu"),),
                         "compute_s": tables.compute_s[:, :1], "slot_device": np.array([0]),
                         "device_memory_bytes": np.array([union + slack]), "link_latency_s": np.zeros((1, 1)),
-                        "link_bandwidth": np.full((1, 1), np.inf)})
+                        "link_bandwidth": np.full((1, 1), np.inf), "join_s": tables.join_s[:, :1]})
     assert partition(one, time_limit_s=5, workers=1).stages == (StageAssignment(0, 0, len(tables.unit_names)),)
     short = CostTables(**{**{f: getattr(one, f) for f in one.__dataclass_fields__},
                           "device_memory_bytes": np.array([union - 1])})

@@ -90,8 +90,7 @@ def evaluate(tables: CostTables, stages: Sequence[StageAssignment]) -> StageCost
 
     A stage's compute includes encoding its outgoing boundary and decoding its incoming one.
     """
-    compute = [float(tables.compute_s[s.start:s.end, s.slot].sum() + tables.stage_overhead_s[s.slot])
-               for s in stages]
+    compute = [tables.stage_compute_s(s.start, s.end, s.slot) for s in stages]
     memory = [tables.stage_memory(s.start, s.end) for s in stages]
     links = []
     for i, (stage, nxt) in enumerate(zip(stages, stages[1:])):
@@ -175,6 +174,11 @@ def solve_dp(tables: CostTables, device_order: Sequence[int], objective: str = "
     combine = np.maximum if objective == "bottleneck" else np.add
 
     prefix_compute = np.vstack([np.zeros(len(tables.slots)), np.cumsum(tables.compute_s, axis=0)])
+    # interior_join[i', i] = joins of the cuts inside units [i', i): cuts i'..i-2
+    prefix_join = np.vstack([np.zeros(len(tables.slots)), np.cumsum(tables.join_s, axis=0)])  # [U, K]
+    positions = np.arange(unit_count + 1)
+    interior_join = (prefix_join[np.clip(positions - 1, 0, unit_count - 1)][None, :, :]
+                     - prefix_join[np.clip(positions, 0, unit_count - 1)][:, None, :])
     memory_need = tables.range_weight_bytes() + _range_max(tables.memory_max_bytes)
     lower = np.tril(np.ones((unit_count + 1, unit_count + 1), dtype=bool))  # i' >= i: no stage
 
@@ -182,7 +186,7 @@ def solve_dp(tables: CostTables, device_order: Sequence[int], objective: str = "
     for device in order:
         slots = np.flatnonzero(tables.slot_device == device)
         per_slot = (prefix_compute[None, :, slots] - prefix_compute[:, None, slots]
-                    + tables.stage_overhead_s[slots][None, None, :])
+                    + interior_join[:, :, slots] + tables.stage_overhead_s[slots][None, None, :])
         best = per_slot.argmin(axis=2)
         cost = np.take_along_axis(per_slot, best[..., None], axis=2)[..., 0]
         cost[(memory_need > tables.device_memory_bytes[device]) | lower] = np.inf
@@ -261,7 +265,8 @@ def _interchangeable_classes(tables: CostTables) -> list[list[int]]:
     for d in range(device_count):
         slots = np.flatnonzero(tables.slot_device == d)
         signature.append((int(tables.device_memory_bytes[d]),
-                          tables.compute_s[:, slots].tobytes(), tables.stage_overhead_s[slots].tobytes()))
+                          tables.compute_s[:, slots].tobytes(), tables.join_s[:, slots].tobytes(),
+                          tables.stage_overhead_s[slots].tobytes()))
     classes: list[list[int]] = []
     for d in range(device_count):
         for group in classes:
@@ -310,11 +315,19 @@ def solve_cpsat(tables: CostTables, objective: str = "bottleneck", *, time_limit
     worst_link = (float((tables.link_latency_s[off_diagonal]).max(initial=0.0))
                   + float(wire_bytes.max(initial=0.0)) / float(tables.link_bandwidth[off_diagonal].min(initial=np.inf)))
     worst_boundary = worst_link + float(codec_time.max(initial=0.0))
-    worst_total = (float(tables.compute_s.max(axis=1).sum()) + worst_boundary * max(stage_count - 1, 0)
+    join_added = np.maximum(tables.join_s, 0.0)
+    worst_total = (float(tables.compute_s.max(axis=1).sum()) + float(join_added.max(axis=1, initial=0.0).sum())
+                   + worst_boundary * max(stage_count - 1, 0)
                    + float(tables.stage_overhead_s.max(initial=0.0)) * stage_count)
     scale = TIME_STEPS / max(worst_total, 1e-12)
     compute_int = np.rint(tables.compute_s * scale).astype(np.int64)
     overhead_int = np.rint(tables.stage_overhead_s * scale).astype(np.int64)
+    # join_int[u, k]: the cut after u inside a stage on slot k (row U-1: no cut, 0)
+    join_int = np.vstack([np.rint(tables.join_s * scale).astype(np.int64),
+                          np.zeros((1, slot_count), dtype=np.int64)])
+    # What a unit adds to its stage at least: its compute and its outgoing cut's join where
+    # that saves time (a lower bound whether or not the cut lies inside the stage).
+    unit_floor = compute_int + np.minimum(join_int, 0)
     # [device, cut, codec]: a stage encodes and decodes at its own device's codec speed
     device_scale = tables.codec_time_scale[:, None, None] * scale
     encode_int = np.rint(tables.codec_encode_s[None] * device_scale).astype(np.int64)
@@ -327,7 +340,7 @@ def solve_cpsat(tables: CostTables, objective: str = "bottleneck", *, time_limit
     shared_sum = -(-tables.shared_weight_bytes // MEMORY_QUANTUM)
     memory_max = -(-tables.memory_max_bytes // MEMORY_QUANTUM)
     budget = tables.device_memory_bytes // MEMORY_QUANTUM
-    horizon = int(compute_int.sum(axis=0).max() + overhead_int.max(initial=0)
+    horizon = int((compute_int + np.maximum(join_int, 0)).sum(axis=0).max() + overhead_int.max(initial=0)
                   + np.ceil(worst_boundary * scale) * 2 + 1)
 
     model = cp_model.CpModel()
@@ -387,21 +400,32 @@ def solve_cpsat(tables: CostTables, objective: str = "bottleneck", *, time_limit
             choice = {c: model.NewBoolVar(f"cut_u{u}_s{s}_c{c}") for c in codecs[u]}
             model.AddAtMostOne(choice.values())
             model.AddBoolOr([in_stage[u][s].Not(), in_stage[u + 1][s + 1].Not(), *choice.values()])
+            # ... and only then: a stage's join terms subtract its outgoing cut (below).
+            for var in choice.values():
+                model.AddImplication(var, in_stage[u][s])
+                model.AddImplication(var, in_stage[u + 1][s + 1])
             per_cut.append(choice)
         sent.append(per_cut)
 
     def codec_terms(s, times):
         return [int(times[u, c]) * var for u, choice in enumerate(sent[s]) for c, var in choice.items()]
 
-    # Stage compute time on its slot, plus encoding its outgoing and decoding its incoming boundary.
+    # Stage compute time on its slot, plus encoding its outgoing and decoding its incoming
+    # boundary. Joins: every unit of the stage adds the join of the cut after it, and the
+    # stage's outgoing cut (sent) takes its join back out, leaving the cuts inside it.
     compute = [model.NewIntVar(0, horizon, f"compute_s{s}") for s in range(stage_count)]
     for s in range(stage_count):
         codec_work = {d: sum((codec_terms(s, encode_int[d]) if s + 1 < stage_count else [])
                              + (codec_terms(s - 1, decode_int[d]) if s > 0 else []))
                       for d in range(device_count)}
         for k in range(slot_count):
-            model.Add(compute[s] >= sum(int(compute_int[u, k]) * in_stage[u][s] for u in range(unit_count))
-                      + codec_work[int(tables.slot_device[k])] + int(overhead_int[k])).OnlyEnforceIf(runs_on[s][k])
+            outgoing_join = (sum(int(join_int[u, k]) * var for u, choice in enumerate(sent[s])
+                                 for var in choice.values() if join_int[u, k])
+                             if s + 1 < stage_count else 0)
+            model.Add(compute[s] >= sum(int(compute_int[u, k] + join_int[u, k]) * in_stage[u][s]
+                                        for u in range(unit_count))
+                      - outgoing_join + codec_work[int(tables.slot_device[k])]
+                      + int(overhead_int[k])).OnlyEnforceIf(runs_on[s][k])
     # Redundant slot view: unit u runs on slot k. Its load and memory constraints need no
     # enforcement literal, which gives the LP relaxation a far better bound. (The memory
     # one leaves shared weights out: it must stay implied by (c).)
@@ -413,7 +437,7 @@ def solve_cpsat(tables: CostTables, objective: str = "bottleneck", *, time_limit
                 model.AddBoolOr([in_stage[u][s].Not(), runs_on[s][k].Not(), on_slot[u][k]])
     slot_load = []
     for k in range(slot_count):
-        slot_load.append(sum(int(compute_int[u, k]) * on_slot[u][k] for u in range(unit_count)))
+        slot_load.append(sum(int(unit_floor[u, k]) * on_slot[u][k] for u in range(unit_count)))
     for d in range(device_count):
         device_slots = np.flatnonzero(tables.slot_device == d)
         model.Add(sum(int(memory_sum[u]) * on_slot[u][k] for u in range(unit_count)
@@ -453,8 +477,10 @@ def solve_cpsat(tables: CostTables, objective: str = "bottleneck", *, time_limit
     if objective == "bottleneck":
         # Redundant bound that tightens the relaxation: the fastest slot of each unit, spread
         # over every stage, and the slowest such unit.
-        fastest = compute_int.min(axis=1)
-        lower = int(max(fastest.max(initial=0), -(-int(fastest.sum()) // stage_count)))
+        # (With joins that save time a unit's floor may be below zero: no bound from it.)
+        fastest = unit_floor.min(axis=1)
+        lower = (int(max(fastest.max(initial=0), -(-int(fastest.sum()) // stage_count)))
+                 if fastest.min(initial=0) >= 0 else 0)
         bottleneck = model.NewIntVar(lower, horizon, "bottleneck")
         for var in compute + links + slot_load:
             model.Add(bottleneck >= var)

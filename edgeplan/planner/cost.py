@@ -77,6 +77,13 @@ class CostTables:
     stage_overhead_s[K]     seconds a stage on slot k pays once per run, whatever its units
                             (a session run's fixed cost; learned models measure it, the
                             roofline has none: zeros)
+    join_s[U-1, K]          seconds a stage on slot k adds when the cut after unit u lies
+                            inside it, units u and u+1 running in one session: negative
+                            where the runtime fuses or keeps a layout across the cut, positive
+                            where the two units' weights evict each other from the caches
+                            (learned models fit it on measured stages; roofline: zeros).
+                            A stage [a, b) costs sum(compute_s[a:b]) + sum(join_s[a:b-1])
+                            + stage_overhead_s, plus its codecs
 
     Weights read by more than one unit (counted once per stage, see module docstring):
     shared_weight_bytes[W]     bytes of weight w in memory_sum_bytes of each unit reading it
@@ -106,10 +113,13 @@ class CostTables:
     shared_weight_units: np.ndarray | None = None
     guessed: np.ndarray | None = None
     stage_overhead_s: np.ndarray | None = None
+    join_s: np.ndarray | None = None
 
     def __post_init__(self):
         if self.stage_overhead_s is None:
             object.__setattr__(self, "stage_overhead_s", np.zeros(len(self.slots)))
+        if self.join_s is None:
+            object.__setattr__(self, "join_s", np.zeros((len(self.cut_bytes), len(self.slots))))
         if self.codec_time_scale is None:
             object.__setattr__(self, "codec_time_scale", np.ones(len(self.device_names)))
         if self.shared_weight_bytes is None:
@@ -143,6 +153,11 @@ class CostTables:
         return (float(self.codec_encode_s[cut, codec] * self.codec_time_scale[device_a]),
                 self.link_s(device_a, device_b, float(self.codec_wire_bytes[cut, codec])),
                 float(self.codec_decode_s[cut, codec] * self.codec_time_scale[device_b]))
+
+    def stage_compute_s(self, start: int, end: int, slot: int) -> float:
+        """Seconds of units [start, end) run as one stage on a slot (codecs not included)."""
+        return float(self.compute_s[start:end, slot].sum() + self.join_s[start:end - 1, slot].sum()
+                     + self.stage_overhead_s[slot])
 
     def link_s(self, device_a: int, device_b: int, nbytes: float) -> float:
         """Seconds to move nbytes from device a to device b (0 when nothing crosses)."""
@@ -216,6 +231,8 @@ class CostTables:
                 data["stage_overhead_s"], dtype=float).reshape(len(data["slots"])),
             codec_time_scale=None if data.get("codec_time_scale") is None else np.asarray(
                 data["codec_time_scale"], dtype=float).reshape(len(data["device_names"])),
+            join_s=None if data.get("join_s") is None else np.asarray(
+                data["join_s"], dtype=float).reshape(len(data["cut_bytes"]), len(data["slots"])),
         )
 
 

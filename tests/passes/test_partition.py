@@ -23,7 +23,7 @@ from edgeplan.planner.cost import CostTables
 
 def random_tables(seed: int, max_units: int = 8, max_devices: int = 4, tight: bool = False,
                   min_units: int = 1, min_devices: int = 1, codecs: int = 1,
-                  overhead: bool = False, codec_scale: bool = False) -> CostTables:
+                  overhead: bool = False, codec_scale: bool = False, joins: bool = False) -> CostTables:
     rng = np.random.default_rng(seed)
     unit_count = int(rng.integers(min_units, max_units + 1))
     device_count = int(rng.integers(min_devices, max_devices + 1))
@@ -72,6 +72,10 @@ def random_tables(seed: int, max_units: int = 8, max_devices: int = 4, tight: bo
         link_bandwidth=bandwidth,
         slot_device=np.array(slot_device),
         stage_overhead_s=rng.uniform(0, 8e-3, size=len(slots)) if overhead else None,
+        # A cut inside a stage saves up to half the smaller neighbour's time or costs up to
+        # a quarter of it (fusion across the cut vs weights evicting each other).
+        join_s=(rng.uniform(-0.5, 0.25, size=(len(cut_bytes), len(slots)))
+                * np.minimum(compute[:-1], compute[1:])) if joins else None,
         **codec_arrays,
     )
 
@@ -152,6 +156,68 @@ def test_planned_memory_never_exceeds_budget(seed, objective):
     costs = evaluate(tables, result.stages)
     for stage, memory in zip(result.stages, costs.memory_bytes):
         assert memory <= tables.device_memory_bytes[tables.slot_device[stage.slot]]
+
+
+def every_plan(tables: CostTables, objective: str) -> float | None:
+    """Optimum by enumeration: every split into contiguous stages, every slot per stage
+    (distinct devices), each scored by `evaluate` (raw boundaries only)."""
+    unit_count, best = len(tables.unit_names), None
+    for cuts in itertools.product([False, True], repeat=unit_count - 1):
+        bounds = [0] + [u + 1 for u, cut in enumerate(cuts) if cut] + [unit_count]
+        ranges = list(zip(bounds, bounds[1:]))
+        for slots in itertools.product(range(len(tables.slots)), repeat=len(ranges)):
+            stages = [StageAssignment(k, a, b) for k, (a, b) in zip(slots, ranges)]
+            try:
+                validate_assignment(tables, stages)
+            except PlanError:
+                continue
+            value = evaluate(tables, stages).value(objective)
+            best = value if best is None else min(best, value)
+    return best
+
+
+def test_joins_count_the_cuts_inside_a_stage():
+    """Hand numbers: a stage of units [0, 3) pays the joins of cuts 0 and 1, not cut 2."""
+    tables = random_tables(3, min_units=4, max_units=4, min_devices=2, max_devices=2)
+    join = np.zeros((3, len(tables.slots)))
+    join[:, 0] = [-0.001, 0.002, 0.5]
+    joined = dataclasses.replace(tables, join_s=join)
+    stages = [StageAssignment(0, 0, 3), StageAssignment(len(tables.slots) - 1, 3, 4)]
+    plain, extra = evaluate(tables, stages), evaluate(joined, stages)
+    assert np.allclose(np.array(extra.compute_s) - np.array(plain.compute_s), [0.001, 0.0])
+    assert CostTables.from_dict(json.loads(json.dumps(joined.to_dict()))) == joined
+
+
+@pytest.mark.parametrize("objective", ["bottleneck", "latency"])
+def test_joins_match_enumeration(objective):
+    """With signed joins: the DP (every order) and CP-SAT against enumerating every plan."""
+    saved = 0
+    for seed in range(40):
+        tables = random_tables(seed + 9000, max_units=5, max_devices=3, overhead=seed % 2 == 0,
+                               joins=True)
+        expected = every_plan(tables, objective)
+        result = solve_cpsat(tables, objective, time_limit_s=20, workers=1)
+        if expected is None:
+            assert result is None and brute_force(tables, objective) is None
+            continue
+        assert abs(brute_force(tables, objective) - expected) <= 1e-12, seed
+        assert result.status == "OPTIMAL"
+        assert abs(result.value_s - expected) <= tolerance(tables), seed
+        assert result.bound_s <= result.value_s + 1e-12
+        saved += any(s.end - s.start > 1 for s in result.stages)
+    assert saved >= 10  # plans with cuts inside stages were exercised
+
+
+@pytest.mark.parametrize("objective", ["bottleneck", "latency"])
+def test_joins_with_codecs_match_dp(objective):
+    for seed in range(30):
+        tables = random_tables(seed + 9500, max_units=7, max_devices=3, codecs=3, joins=True)
+        order = list(range(len(tables.device_names)))
+        dp = solve_dp(tables, order, objective)
+        cp = solve_cpsat(tables, objective, device_order=order, time_limit_s=20, workers=1)
+        assert (dp is None) == (cp is None), seed
+        if dp is not None:
+            assert abs(cp.value_s - dp.value_s) <= tolerance(tables), (seed, cp, dp)
 
 
 def test_num_stages_is_exact():
