@@ -31,7 +31,13 @@ with the fewest threads, pinned, decides: choose_rounds) is timed
 again after a pause of RETRY_WAIT_S, up to `extra_rounds` more rounds, and the `rounds`
 rounds with the steadiest reference are kept. Each record keeps the median
 reference time of its kept rounds as `reference_s`, so records taken at different times
-say how fast the machine was then. Each (unit, t) pair gives one
+say how fast the machine was then. The time a predictor learns (`UnitProfile.time_s`) is
+`quiet_s`, the median of the quietest round: each round's median of its runs, the
+smallest over every round timed (retried ones too). A slow spell only adds time, and it
+often covers a whole round without showing in the reference around it: six profiles of
+the same two models in one process, spells coming and going, spread by 50-54 % (median
+over units, cpu1) in their overall medians and by 2.7-5.2 % in quiet_s (cpu2: 29-50 % vs
+13-25 %). Each (unit, t) pair gives one
 UnitProfile on backend `cpu{t}` of device "host" (the `host` device preset in
 planner/fleet.py describes this machine), with robust statistics (median,
 p10, p90, and the number of runs more than 3 scaled MADs from the median) and the unit's
@@ -46,15 +52,16 @@ rewritten); every line is a JSON object:
      "runtime": "onnxruntime 1.x.y",
      "features": {"flops": ..., "bytes_moved": ..., "op_count": ..., "param_bytes": ...,
                   "activation_bytes": ..., "peak_activation_bytes": ..., "cut_bytes": ...,
+                  "cut_nchw_bytes": ...,
                   "<kind>_count": ..., "<kind>_flops": ..., "<kind>_bytes": ...
                   for every kind in OP_KINDS},
      "median_s": ..., "p10_s": ..., "p90_s": ..., "repeats": 15, "outliers": 0,
      "timestamp": "2025-01-01T12:00:00+00:00",
-     "parts": [], "reference_s": ...}
+     "parts": [], "reference_s": ..., "quiet_s": ...}
 
 "reference_s" is the reference workload's time on the same backend while the record was
-measured (0 or absent: not measured, as in records written before it existed or taken
-from runs).
+measured, "quiet_s" the median of the quietest round (both 0 or absent: not measured, as
+in records written before they existed or taken from runs, whose time is median_s).
 
 A stage-level record (a measured stage of a recorded run, `records_from_run`) has the
 stage's units in "unit" ("blocks.0..blocks.3"), the sum of their features in "features",
@@ -128,6 +135,13 @@ class UnitProfile:
     runtime: str = ""
     parts: tuple[dict[str, float], ...] = ()
     reference_s: float = 0.0
+    quiet_s: float = 0.0
+
+    @property
+    def time_s(self) -> float:
+        """The unit's time on an undisturbed machine: the quietest round's median where it
+        was measured (quiet_s), else the median over all runs (records taken from runs)."""
+        return self.quiet_s if self.quiet_s > 0 else self.median_s
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, "version": VERSION, **dataclasses.asdict(self)}
@@ -159,7 +173,7 @@ class UnitProfile:
             if not isinstance(features, dict) or not all(
                     isinstance(k, str) and _is_number(v) for k, v in features.items()):
                 raise ValueError("features and parts must be objects of numbers")
-        for name in ("median_s", "p10_s", "p90_s", "reference_s"):
+        for name in ("median_s", "p10_s", "p90_s", "reference_s", "quiet_s"):
             if name not in data:
                 continue
             if not _is_number(data[name]) or not math.isfinite(data[name]) or data[name] < 0:
@@ -235,6 +249,9 @@ def unit_features(unit) -> dict[str, float]:
         "activation_bytes": float(unit.activation_bytes),
         "peak_activation_bytes": float(unit.peak_activation_bytes),
         "cut_bytes": float(unit.cut_bytes),
+        # 4-D activations crossing the cut: ONNX Runtime keeps them in its blocked conv
+        # layout inside a stage and reorders them at a stage boundary.
+        "cut_nchw_bytes": float(sum(t.nbytes for t in unit.cut_tensors if len(t.shape) == 4)),
     }
     for kind in OP_KINDS:
         for quantity in ("count", "flops", "bytes"):
@@ -520,9 +537,10 @@ def profile_units(model, example_inputs, *, threads: Sequence[int] = (1, 2), war
         reference_rounds = {t: [round_references[k][t] for k in kept] for t in threads}
         runs.clear()  # the sessions are done: free them before building records
         references.clear()
-        for (index, group, t), timed in zip(keys, samples_per_run):
+        for i, ((index, group, t), timed) in enumerate(zip(keys, samples_per_run)):
             parts = tuple(unit_features(unit) for unit in group)
             median, p10, p90, outliers = robust_stats(timed)
+            quiet = min(float(np.median(samples[i])) for samples in round_samples)
             records.append(UnitProfile(
                 model=signature.name, unit=_group_name(group), device=DEVICE,
                 backend=backend_name(t), features=combine_features(parts), median_s=median,
@@ -530,7 +548,7 @@ def profile_units(model, example_inputs, *, threads: Sequence[int] = (1, 2), war
                 timestamp=datetime.now(UTC).isoformat(timespec="seconds"), outliers=outliers,
                 unit_index=index, host=host, runtime=runtime,
                 parts=parts if len(parts) > 1 else (),
-                reference_s=float(np.median(reference_rounds[t]))))
+                reference_s=float(np.median(reference_rounds[t])), quiet_s=quiet))
     records.sort(key=lambda r: (r.unit_index, threads.index(int(r.backend[3:]))))
     return records
 
@@ -544,7 +562,8 @@ def combine_features(parts: Sequence[dict[str, float]]) -> dict[str, float]:
     and the cut (the last unit's)."""
     combined = {key: sum(part.get(key, 0.0) for part in parts) for key in parts[0]}
     combined["peak_activation_bytes"] = max(part.get("peak_activation_bytes", 0.0) for part in parts)
-    combined["cut_bytes"] = parts[-1].get("cut_bytes", 0.0)
+    for key in ("cut_bytes", "cut_nchw_bytes"):
+        combined[key] = parts[-1].get(key, 0.0)
     return combined
 
 

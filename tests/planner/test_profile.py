@@ -53,7 +53,11 @@ def test_every_unit_has_a_record_per_backend(profiled):
             assert r.device == "host" and r.model == "GPT" and r.repeats >= 5
             assert r.median_s > 0
             assert r.p10_s <= r.median_s <= r.p90_s
+            # the quietest round's median is what a predictor learns
+            assert 0 < r.quiet_s <= r.p90_s and r.time_s == r.quiet_s
     block = next(r for r in records if r.unit == "blocks.0")
+    # the cut after a transformer block carries no 4-D tensor but the attention mask
+    assert 0 <= block.features["cut_nchw_bytes"] < block.features["cut_bytes"]
     assert block.features["flops"] > 0 and block.features["param_bytes"] > 0
     assert block.features["matmul_count"] == 4 and block.features["attention_count"] == 1
     assert all(f"{kind}_count" in block.features and f"{kind}_flops" in block.features
@@ -172,14 +176,17 @@ def test_corrupt_line_names_file_and_line(profiled, tmp_path):
     path.write_text(json.dumps({**records[0].to_dict(), "median_s": "fast"}) + "\n")
     with pytest.raises(EdgeplanError, match="line 1.*median_s"):
         store.load()
-    path.write_text(json.dumps({**records[0].to_dict(), "reference_s": -1.0}) + "\n")
-    with pytest.raises(EdgeplanError, match="line 1.*reference_s"):
-        store.load()
-    # a record written before reference_s existed loads, as not measured
+    for name in ("reference_s", "quiet_s"):
+        path.write_text(json.dumps({**records[0].to_dict(), name: -1.0}) + "\n")
+        with pytest.raises(EdgeplanError, match=f"line 1.*{name}"):
+            store.load()
+    # a record written before reference_s and quiet_s existed loads, as not measured, and
+    # gives its overall median as its time
     older = records[0].to_dict()
-    del older["reference_s"]
+    del older["reference_s"], older["quiet_s"]
     path.write_text(json.dumps(older) + "\n")
-    assert store.load()[0].reference_s == 0.0
+    loaded = store.load()[0]
+    assert loaded.reference_s == 0.0 and loaded.quiet_s == 0.0 and loaded.time_s == loaded.median_s
     path.write_text(json.dumps({**records[0].to_dict(), "version": 2}) + "\n")
     with pytest.raises(EdgeplanError, match="line 1.*version 2"):
         store.load()
