@@ -36,8 +36,26 @@ unit predicted from the units of other models only, as a model never profiled wi
 between profiled sizes gets sharper, and far from every profiled unit the prediction
 stays the additive law.
 
-Stages. One session run of a stage pays the per-run cost c_run once, not once per unit:
-`predict_stage(parts)` = sum of the parts' predictions - (parts - 1) * c_run.
+Stages. One session run of a stage pays the per-run cost c_run once, not once per unit,
+and a stage is not the sum of its units run alone: ONNX Runtime fuses across a cut inside
+a stage (a residual add into the next LayerNorm) and keeps 4-D activations in its blocked
+conv layout instead of reordering them at every unit's edges, while two units' weights in
+one session evict each other from the caches that a unit timed alone has to itself. A
+join model says what each cut inside a stage adds (usually negative):
+
+    join(cut) = j_cut + j_nchw * nchw_bytes + j_other * other_bytes + j_weights * weight_bytes
+                + j_pointwise * pointwise_bytes
+
+(the cut's 4-D and other tensor bytes, the two neighbours' weight bytes, and the bytes of
+the unit after the cut if it holds pointwise ops only: a BatchNorm and activation after a
+convolution's unit, a final LayerNorm, which ORT folds into the op before them when they
+share a session; signed coefficients), fitted on the store's stage records whose units were timed alone too: each
+gives measured stage - (sum of its units' measured times - (parts - 1) * c_run) = sum of
+its cuts' joins. It is kept only where it predicts the stages of models left out of its
+fit better than no join does (leave-one-model-out), and a join never saves more than the
+smaller neighbour costs. `predict_stage(parts)` = sum of the parts' predictions
+- (parts - 1) * c_run + the joins of its cuts; the cost tables carry the joins as
+`join_s` for the solvers.
 
 Fallback. `LearnedCostModel` predicts a (unit, slot) pair from the model for the slot's
 device (by name or preset kind) and backend, if the model has seen every op kind of the
@@ -72,6 +90,13 @@ ADAPT_RIDGE = 0.04
 # before its residual is halved.
 RESIDUAL_NEIGHBORS = 4
 RESIDUAL_REACH = 2.0
+# The join model's features of a cut (module docstring) and the fewest stage records
+# (from at least two models) it is fitted on.
+JOIN_BASIS = ("cut", "nchw_bytes", "other_bytes", "weight_bytes", "pointwise_bytes")
+# Op kinds that make a unit more than pointwise work (what ORT cannot fold into a neighbour).
+HEAVY_KINDS = ("matmul", "conv", "depthwise", "attention", "embedding")
+MIN_JOIN_RECORDS = 8
+JOIN_RIDGE = 1e-3
 
 
 class PredictorError(EdgeplanError):
@@ -81,6 +106,16 @@ class PredictorError(EdgeplanError):
 def feature_vector(features: dict[str, float]) -> np.ndarray:
     """The basis values of one record's or unit's features (one session run)."""
     return np.array([1.0] + [float(features.get(name, 0.0)) for name in BASIS[1:]])
+
+
+def join_features(before: dict[str, float], after: dict[str, float]) -> np.ndarray:
+    """The JOIN_BASIS values of the cut between two consecutive units' features."""
+    nchw = float(before.get("cut_nchw_bytes", 0.0))
+    pointwise = (0.0 if any(after.get(f"{kind}_count", 0.0) for kind in HEAVY_KINDS) else
+                 sum(float(after.get(f"{kind}_bytes", 0.0)) for kind in ("norm", "elementwise", "fused")))
+    return np.array([1.0, nchw, float(before.get("cut_bytes", 0.0)) - nchw,
+                     float(before.get("param_bytes", 0.0)) + float(after.get("param_bytes", 0.0)),
+                     pointwise])
 
 
 def kinds_of(features: dict[str, float]) -> frozenset[str]:
@@ -251,6 +286,7 @@ class LatencyModel:
     corrections: dict[tuple[float, ...], float] = field(default_factory=dict)
     source: str = ""  # "device/backend" it was adapted from; "" for an own fit
     residual: ResidualModel | None = None
+    join_coef: np.ndarray | None = None  # over JOIN_BASIS; None: no join model (joins 0)
 
     @property
     def run_overhead_s(self) -> float:
@@ -282,9 +318,19 @@ class LatencyModel:
         factors = np.array([self.corrections.get(_key(f), 1.0) for f in features])
         return self.base_many(features) * factors
 
+    def joins(self, parts: Sequence[dict[str, float]], times: np.ndarray) -> np.ndarray:
+        """Seconds each cut between consecutive parts adds when they run in one stage,
+        `times` the parts' own predictions: a join saves at most the smaller neighbour."""
+        if self.join_coef is None or len(parts) < 2:
+            return np.zeros(max(len(parts) - 1, 0))
+        raw = np.array([join_features(a, b) for a, b in zip(parts, parts[1:])]) @ self.join_coef
+        return np.maximum(raw, -np.minimum(times[:-1], times[1:]))
+
     def predict_stage(self, parts: Sequence[dict[str, float]]) -> float:
-        """Seconds for one run of consecutive units as one stage: c_run counted once."""
-        return float(self.predict_many(parts).sum()) - (len(parts) - 1) * self.run_overhead_s
+        """Seconds for one run of consecutive units as one stage: c_run counted once, and
+        the joins of the cuts inside it."""
+        times = self.predict_many(parts)
+        return float(times.sum() + self.joins(parts, times).sum()) - (len(parts) - 1) * self.run_overhead_s
 
 
 def _key(features: dict[str, float]) -> tuple[float, ...]:
@@ -296,24 +342,78 @@ def _remember(model: LatencyModel, records: Sequence[UnitProfile]) -> LatencyMod
     corrections: dict[tuple[float, ...], float] = {}
     for record in records:
         parts = record.parts or (record.features,)
-        base = float(model.base_many(parts).sum())
-        if base <= 0 or record.median_s <= 0:
+        bases = model.base_many(parts)
+        base = float(bases.sum())
+        if base <= 0 or record.time_s <= 0:
             continue
-        # predict_stage subtracts c_run per extra part: the factor makes it hit the record.
-        factor = (record.median_s + (len(parts) - 1) * model.run_overhead_s) / base
+        # predict_stage subtracts c_run per extra part and adds the joins: the factor makes
+        # it hit the record.
+        joins = float(model.joins(parts, bases).sum())
+        factor = max(record.time_s + (len(parts) - 1) * model.run_overhead_s - joins, 1e-12) / base
         for part in parts:
             corrections[_key(part)] = factor
     return dataclasses.replace(model, corrections=corrections)
 
 
+def fit_joins(records: Sequence[UnitProfile], run_overhead_s: float) -> np.ndarray | None:
+    """JOIN_BASIS coefficients from the profiled stage records whose parts were all timed
+    alone as unit records (of the same backend), or None where they do not predict stages
+    of models left out of the fit better than no join (module docstring). Stage records
+    from runs (no quiet_s) are left out: their times include the boundary codecs."""
+    alone = {_key(r.features): r.time_s for r in records if not r.parts and r.time_s > 0}
+    cuts, floors, targets, scales, groups = [], [], [], [], []
+    for record in records:
+        if (len(record.parts) < 2 or record.quiet_s <= 0
+                or not all(_key(p) in alone for p in record.parts)):
+            continue
+        parts = record.parts
+        times = np.array([alone[_key(p)] for p in parts])
+        cuts.append(np.array([join_features(a, b) for a, b in zip(parts, parts[1:])]))
+        floors.append(-np.minimum(times[:-1], times[1:]))  # the most a join may save
+        targets.append(record.time_s - times.sum() + (len(parts) - 1) * run_overhead_s)
+        scales.append(record.time_s)
+        groups.append(record.model)
+    if len(cuts) < MIN_JOIN_RECORDS or len(set(groups)) < 2:
+        return None
+    scales = np.array(scales)
+    x = np.array([c.sum(axis=0) for c in cuts]) / scales[:, None]
+    y = np.array(targets) / scales
+    labels = np.array(groups, dtype=object)
+    held_out = np.empty(len(y))
+    for group in set(groups):
+        inside = labels == group
+        coef = _ridge(x[~inside], y[~inside])
+        # judged as predicted: each cut's join clamped at what its neighbours cost
+        held_out[inside] = [np.maximum(cuts[i] @ coef, floors[i]).sum() / scales[i]
+                            for i in np.flatnonzero(inside)]
+    if np.mean(np.abs(y - held_out)) >= np.mean(np.abs(y)):
+        return None
+    return _ridge(x, y)
+
+
+def _ridge(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares with a small ridge, on columns scaled to unit norm."""
+    norms = np.linalg.norm(x, axis=0)
+    norms[norms == 0] = 1.0
+    scaled = x / norms
+    penalty = math.sqrt(JOIN_RIDGE) * np.eye(x.shape[1])
+    solved = np.linalg.lstsq(np.vstack([scaled, penalty]), np.concatenate([y, np.zeros(x.shape[1])]),
+                             rcond=None)[0]
+    return solved / norms
+
+
 def fit_model(records: Sequence[UnitProfile], device: str, backend: str) -> LatencyModel:
-    """Fit one backend's model on its records (unit- and stage-level)."""
-    usable = [r for r in records if r.median_s > 0]
+    """Fit one backend's model on its records: the additive law and the residual model on
+    unit records (on all records where too few units were timed alone), the join model on
+    stage records whose units were."""
+    usable = [r for r in records if r.time_s > 0]
     if not usable:
         raise PredictorError(f"predictor: no records with a positive time for {device}/{backend}; "
                              f"profile it with `edgeplan profile MODEL --store FILE`")
-    x = np.array([feature_vector(r.features) for r in usable])
-    y = np.array([r.median_s for r in usable])
+    alone = [r for r in usable if not r.parts]
+    law = alone if len(alone) >= MIN_FIT_RECORDS else usable
+    x = np.array([feature_vector(r.features) for r in law])
+    y = np.array([r.time_s for r in law])
     coef = _relative_nnls(x, y)
     kinds = frozenset().union(*(kinds_of(r.features) for r in usable))
     model = LatencyModel(device, backend, coef, kinds, len(usable))
@@ -322,9 +422,10 @@ def fit_model(records: Sequence[UnitProfile], device: str, backend: str) -> Late
     additive = np.array([model.additive(r.features) for r in units])
     keep = additive > 0
     residual = ResidualModel.fit(coef, [r.features for r, k in zip(units, keep) if k],
-                                 np.log(np.array([r.median_s for r in units])[keep] / additive[keep]),
+                                 np.log(np.array([r.time_s for r in units])[keep] / additive[keep]),
                                  groups=[r.model for r, k in zip(units, keep) if k])
-    return _remember(dataclasses.replace(model, residual=residual), usable)
+    join_coef = fit_joins(usable, model.run_overhead_s)
+    return _remember(dataclasses.replace(model, residual=residual, join_coef=join_coef), usable)
 
 
 def adapt(source: LatencyModel, samples: Sequence[UnitProfile], device: str, backend: str,
@@ -334,28 +435,29 @@ def adapt(source: LatencyModel, samples: Sequence[UnitProfile], device: str, bac
     Scale first (the median measured/predicted ratio), then every coefficient refit as a
     multiple of the scaled source, pulled towards it with weight `ridge` per coefficient.
     The source's residual model (how efficiency changes with size) is carried over and the
-    coefficients are fitted to what it leaves; its corrections describe its own backend,
-    so they are not.
+    coefficients are fitted to what it leaves; its join model is carried over at the
+    samples' scale; its corrections describe its own backend, so they are not.
     """
-    samples = [r for r in samples if r.median_s > 0]
-    coef = source.coef * prior_scale
+    samples = [r for r in samples if r.time_s > 0]
+    coef, scale = source.coef * prior_scale, prior_scale
     if samples:
         x = np.array([feature_vector(r.features) for r in samples])
         # The part of each sample's time the additive law must explain.
         efficiency = np.array([
             source.base_many(parts).sum() / sum(source.additive(p) for p in parts)
             for parts in (r.parts or (r.features,) for r in samples)])
-        y = np.array([r.median_s for r in samples]) / efficiency
+        y = np.array([r.time_s for r in samples]) / efficiency
         scale = float(np.exp(np.median(np.log(y / (x @ source.coef)))))
         coef = _relative_nnls(x, y, prior=source.coef * scale, ridge=ridge)
     model = LatencyModel(device, backend, coef, source.kinds, len(samples),
-                         source=f"{source.device}/{source.backend}", residual=source.residual)
+                         source=f"{source.device}/{source.backend}", residual=source.residual,
+                         join_coef=None if source.join_coef is None else source.join_coef * scale)
     return _remember(model, samples)
 
 
 def _scale_residual(model: LatencyModel, samples: Sequence[UnitProfile]) -> float:
     """Spread of log(measured / predicted) around its median: how well a rescaled model fits."""
-    ratios = np.log([r.median_s / max(model.base(r.features), 1e-12) for r in samples])
+    ratios = np.log([r.time_s / max(model.base(r.features), 1e-12) for r in samples])
     return float(np.median(np.abs(ratios - np.median(ratios))))
 
 
@@ -403,7 +505,8 @@ class LearnedCostModel:
     """CostModel: the predictor where it has a model that covers the unit, roofline elsewhere.
 
     Training mode scales the measured forward times by 3, as the roofline does (the store
-    holds inference timings only).
+    holds inference timings only). A cut between two learned units gets the model's join
+    (`join_s`); a cut next to a guessed unit joins at 0.
     """
 
     predictor: Predictor
@@ -414,6 +517,7 @@ class LearnedCostModel:
         compute = tables.compute_s.copy()
         overhead = tables.stage_overhead_s.copy()
         guessed = np.ones(compute.shape, dtype=bool)
+        joins = np.zeros(tables.join_s.shape)
         features = [unit_features(u) if getattr(u, "op_mix", ()) else None for u in units]
         for k, (device_name, backend_name) in enumerate(tables.slots):
             model = self.predictor.model_for(fleet.device(device_name), backend_name)
@@ -422,13 +526,17 @@ class LearnedCostModel:
             rows = [u for u, f in enumerate(features) if f is not None and model.covers(f)]
             if rows:
                 # c_run is paid once per stage run: a column of its own, not inside every unit
-                predicted = np.maximum(model.predict_many([features[u] for u in rows]) - model.run_overhead_s, 0.0)
+                times = model.predict_many([features[u] for u in rows])
                 scale = 3.0 if mode == "training" else 1.0
-                compute[rows, k] = predicted * scale
+                compute[rows, k] = np.maximum(times - model.run_overhead_s, 0.0) * scale
                 overhead[k] = model.run_overhead_s * scale
                 guessed[rows, k] = False
+                time_of = dict(zip(rows, times))
+                for u in (u for u in rows if u + 1 in time_of):
+                    pair = [features[u], features[u + 1]]
+                    joins[u, k] = model.joins(pair, np.array([time_of[u], time_of[u + 1]]))[0] * scale
         return dataclasses.replace(
-            tables, compute_s=compute, stage_overhead_s=overhead, model="learned", guessed=guessed,
+            tables, compute_s=compute, stage_overhead_s=overhead, join_s=joins, model="learned", guessed=guessed,
             guessed_units=tuple(name for name, row in zip(tables.unit_names, guessed) if row.any()))
 
 
@@ -447,6 +555,7 @@ def learned_cost_model(store_path, run_dirs: Sequence = ()) -> LearnedCostModel:
 __all__ = [
     "ADAPT_RIDGE",
     "BASIS",
+    "JOIN_BASIS",
     "LatencyModel",
     "LearnedCostModel",
     "MIN_FIT_RECORDS",
@@ -456,7 +565,9 @@ __all__ = [
     "ResidualModel",
     "adapt",
     "feature_vector",
+    "fit_joins",
     "fit_model",
+    "join_features",
     "learned_cost_model",
     "nnls",
     "residual_features",

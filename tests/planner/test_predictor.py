@@ -21,6 +21,7 @@ from edgeplan.planner.fleet import load_fleet
 from edgeplan.planner.layer_space import FAMILIES, layer_space
 from edgeplan.planner.plan import Plan
 from edgeplan.planner.predictor import (
+    JOIN_BASIS,
     MIN_FIT_RECORDS,
     PREDICTED_KINDS,
     LearnedCostModel,
@@ -28,7 +29,9 @@ from edgeplan.planner.predictor import (
     PredictorError,
     adapt,
     feature_vector,
+    fit_joins,
     fit_model,
+    join_features,
     nnls,
 )
 from edgeplan.planner.profile import (
@@ -112,6 +115,76 @@ def test_measured_units_are_predicted_as_measured():
     # one session run: the per-run cost counts once, not once per unit
     assert total == pytest.approx(model.predict(records[1].features) + model.predict(
         records[2].features) - model.run_overhead_s, rel=1e-6)
+
+
+# What a cut inside a stage adds: per cut, per byte of 4-D and of other tensors crossing,
+# per byte of the two units' weights, per byte of a pointwise-only unit after it (JOIN_BASIS).
+TRUE_JOIN = np.array([-1e-3, -2e-9, -4e-9, 1e-10, -1e-9])
+
+
+def chain_records(models: int, seed: int, join=TRUE_JOIN, noise=0.01, units=5):
+    """Unit records of `models` synthetic chains of units and stage records of their pairs
+    and of their first three units, timed as the law plus `join` at every inner cut."""
+    rng = random.Random(seed)
+    records = []
+    for m in range(models):
+        chain = []
+        for _ in range(units):
+            # every third unit or so holds pointwise ops only (a norm after a block)
+            features = synthetic_features(rng, ("norm", "elementwise") if rng.random() < 0.3 else PREDICTED_KINDS)
+            nchw = rng.choice([0.0, rng.uniform(1e5, 2e6)])
+            features.update(cut_nchw_bytes=nchw, cut_bytes=nchw + rng.uniform(1e4, 5e5),
+                            param_bytes=rng.uniform(1e5, 8e6))
+            chain.append(features)
+        alone = [float(feature_vector(f) @ TRUE_COEF) for f in chain]
+        for i, (features, seconds) in enumerate(zip(chain, alone)):
+            records.append(UnitProfile(model=f"chain{m}", unit=f"u{i}", device="host", backend="cpu1",
+                                       features=features, median_s=seconds, p10_s=seconds,
+                                       p90_s=seconds, repeats=1, timestamp="2025-01-01T00:00:00+00:00"))
+        for start, end in [(i, i + 2) for i in range(units - 1)] + [(0, 3)]:
+            parts = tuple(chain[start:end])
+            seconds = (sum(alone[start:end]) - (end - start - 1) * TRUE_COEF[0]
+                       + sum(join_features(a, b) @ join for a, b in zip(parts, parts[1:])))
+            seconds *= 1 + rng.uniform(-noise, noise)
+            records.append(UnitProfile(model=f"chain{m}", unit=f"u{start}..u{end - 1}", device="host",
+                                       backend="cpu1", features=combine_features(parts), median_s=seconds,
+                                       quiet_s=seconds, p10_s=seconds, p90_s=seconds, repeats=1, parts=parts,
+                                       timestamp="2025-01-01T00:00:00+00:00"))
+    return records
+
+
+def test_join_model_learns_what_cuts_inside_a_stage_change():
+    """Stages of chains never seen are predicted with their inner cuts' joins; without the
+    join model the sums of units miss by the joins."""
+    model = fit_model(synthetic_records(300, seed=30) + chain_records(8, seed=31), "host", "cpu1")
+    assert model.join_coef is not None and len(model.join_coef) == len(JOIN_BASIS)
+    assert np.allclose(model.join_coef, TRUE_JOIN, rtol=0.3, atol=2e-6 * np.abs(TRUE_JOIN).max())
+    fresh = [r for r in chain_records(4, seed=32, noise=0.0) if r.parts]
+    with_joins = np.array([model.predict_stage(r.parts) / r.median_s - 1 for r in fresh])
+    plain = dataclasses.replace(model, join_coef=None)
+    without = np.array([plain.predict_stage(r.parts) / r.median_s - 1 for r in fresh])
+    assert np.median(np.abs(with_joins)) < 0.03 < np.median(np.abs(without))
+    # a join never saves more than the smaller of its two units costs
+    part = fresh[0].parts[:2]
+    times = model.predict_many(part)
+    greedy = dataclasses.replace(model, join_coef=np.array([-1.0, 0.0, 0.0, 0.0, 0.0]))
+    assert greedy.joins(part, times)[0] == pytest.approx(-times.min())
+
+
+def test_join_model_is_dropped_where_it_does_not_predict_other_models():
+    """Stage times that scatter around the sums of their units, unrelated to the cuts: the
+    fit on other models predicts a left-out model's stages no better than no join."""
+    records = chain_records(8, seed=33, join=np.zeros(len(JOIN_BASIS)), noise=0.0)
+    rng = random.Random(34)
+    scattered = [dataclasses.replace(r, median_s=r.median_s * (1 + rng.uniform(-0.2, 0.2)))
+                 if r.parts else r for r in records]
+    assert fit_joins(scattered, float(TRUE_COEF[0])) is None
+    assert fit_joins(records[:12], float(TRUE_COEF[0])) is None  # one model only: too few
+    profiled = chain_records(8, seed=35)
+    assert fit_joins(profiled, float(TRUE_COEF[0])) is not None
+    # stage records from runs (no quiet round; codecs inside their times) are not used
+    from_runs = [dataclasses.replace(r, quiet_s=0.0) for r in profiled]
+    assert fit_joins(from_runs, float(TRUE_COEF[0])) is None
 
 
 def size_dependent_records(count, seed, efficiency_knee=3e6):
@@ -239,6 +312,30 @@ def test_fallback_marks_guessed_units(tiny_units):
     assert again.units[1].features == unit_features(tiny_units[1])
 
 
+def test_cost_tables_carry_joins_between_learned_units(tiny_units):
+    kinds = tuple(k for k in PREDICTED_KINDS if k != "attention")
+    predictor = Predictor.fit(synthetic_records(200, seed=10, kinds=kinds))
+    model = dataclasses.replace(predictor.models[("host", "cpu1")], join_coef=TRUE_JOIN)
+    predictor = Predictor({("host", "cpu1"): model})
+    fleet = load_fleet("host")
+    tables = LearnedCostModel(predictor).costs(tiny_units, fleet)
+    training = LearnedCostModel(predictor).costs(tiny_units, fleet, mode="training")
+    cpu1 = tables.slots.index(("host", "cpu1"))
+    learned = ~tables.guessed[:, cpu1]
+    both = learned[:-1] & learned[1:]
+    assert both.any() and not both.all()
+    features = [unit_features(u) for u in tiny_units]
+    for u in np.flatnonzero(both):
+        pair = features[u:u + 2]
+        assert tables.join_s[u, cpu1] == pytest.approx(model.joins(pair, model.predict_many(pair))[0])
+        assert training.join_s[u, cpu1] == pytest.approx(3 * tables.join_s[u, cpu1])
+    assert not tables.join_s[~both, cpu1].any()  # next to a guessed unit: no join
+    assert not tables.join_s[:, tables.slots.index(("host", "cpu2"))].any()  # roofline slot
+    start, end = map(int, np.flatnonzero(both)[[0, 0]] + [0, 2])
+    assert tables.stage_compute_s(start, end, cpu1) == pytest.approx(
+        model.predict_stage(features[start:end]), rel=1e-9)
+
+
 def test_layer_space_gives_one_unit_per_sampled_layer():
     seen = []
     for name, bank, inputs, descriptions in layer_space(samples=3, seed=1):
@@ -350,3 +447,15 @@ def test_from_run_errors_name_the_fix(compiled_pair, tmp_path, capsys):
         records_from_run(out)
     assert main(["profile", "--store", str(tmp_path / "x.jsonl")]) == 2
     assert "nothing to measure" in capsys.readouterr().err
+
+
+def test_join_features_of_a_cut():
+    before = {"cut_bytes": 5000.0, "cut_nchw_bytes": 3000.0, "param_bytes": 100.0,
+              "conv_count": 1.0, "conv_bytes": 7.0}
+    norm_only = {"param_bytes": 20.0, "norm_count": 1.0, "norm_bytes": 400.0,
+                 "elementwise_count": 1.0, "elementwise_bytes": 200.0, "fused_count": 1.0,
+                 "fused_bytes": 50.0}
+    assert join_features(before, norm_only).tolist() == [1.0, 3000.0, 2000.0, 120.0, 650.0]
+    # a unit with a matmul is more than pointwise work: nothing to fold
+    assert join_features(before, {**norm_only, "matmul_count": 1.0})[4] == 0.0
+    assert len(join_features({}, {})) == len(JOIN_BASIS)
