@@ -60,7 +60,7 @@ from edgeplan.passes.annotate import annotate  # noqa: E402
 from edgeplan.passes.capture import capture  # noqa: E402
 from edgeplan.passes.units import group_units  # noqa: E402
 from edgeplan.planner.fleet import load_fleet  # noqa: E402
-from edgeplan.planner.layer_space import layer_space  # noqa: E402
+from edgeplan.planner.layer_space import SeparableConvBlock, layer_space  # noqa: E402
 from edgeplan.planner.predictor import (  # noqa: E402
     LearnedCostModel,
     Predictor,
@@ -134,6 +134,50 @@ def build_separable_cnn(*, batch=1, image_size=64, widths=(32, 64, 128, 128, 256
     return model.eval(), {"pixels": torch.randn(batch, 3, image_size, image_size)}
 
 
+class SeparableChain(nn.Module):
+    """A small depthwise-separable CNN for the training zoo, made of the layer space's
+    blocks (kernel 5 or 3, Hardswish or ReLU): the zoo's ResNets alone taught the join
+    model their NCHWc savings, which depthwise blocks do not have."""
+
+    def __init__(self, widths, kernel: int, activation: type[nn.Module]):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 2, 1, bias=False),
+                                  nn.BatchNorm2d(widths[0]), activation())
+        self.blocks = nn.ModuleList(
+            SeparableConvBlock(a, b, kernel, 2 if i % 2 == 0 else 1, activation())
+            for i, (a, b) in enumerate(zip(widths, widths[1:])))
+        self.head = nn.Linear(widths[-1], 10)
+
+    def forward(self, pixels):
+        x = self.stem(pixels)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def build_separable_chain(*, widths, kernel, activation, image_size):
+    torch.manual_seed(1)
+    model = SeparableChain(widths, kernel, activation)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_var.uniform_(0.5, 1.5)
+    return model.eval(), {"pixels": torch.randn(1, 3, image_size, image_size)}
+
+
+def zoo_models():
+    """(label, model, inputs) of every training zoo model."""
+    for name, config in ZOO:
+        model, inputs = load_module(EXAMPLES / f"{name}.py").build(**config)
+        yield (f"{name}-" + "-".join(str(v) for v in config.values() if not isinstance(v, tuple)),
+               model, inputs)
+    for widths, kernel, activation, size in (((24, 48, 96, 96), 5, nn.Hardswish, 48),
+                                             ((16, 40, 80, 160), 3, nn.ReLU, 80)):
+        model, inputs = build_separable_chain(widths=widths, kernel=kernel, activation=activation,
+                                              image_size=size)
+        yield f"sepchain-{widths[-1]}-k{kernel}-{size}", model, inputs
+
+
 def held_out_models():
     gpt2, llama = load_module(EXAMPLES / "gpt2_hf.py"), load_module(EXAMPLES / "llama_hf.py")
     return [
@@ -174,24 +218,30 @@ class Profiler:
         self.fastest = fastest_reference_of(self.seen)
         return records
 
+    def calibrate(self, model, inputs) -> None:
+        """Profile a model once and keep only the machine's speed: the first records of a
+        run are otherwise judged by a reference taken in whatever state the machine was
+        (a first zoo model profiled in a slow spell timed its blocks 1.8x slow)."""
+        self(model, inputs, name="calibration", progress=progress_line("calibration"))
+
 
 def build_store(path: Path, samples: int, profile: Profiler) -> None:
     path.unlink(missing_ok=True)
     store = ProfileStore(path)
-    for name, config in ZOO:
-        model, inputs = load_module(EXAMPLES / f"{name}.py").build(**config)
-        label = f"{name}-" + "-".join(str(v) for v in config.values() if not isinstance(v, tuple))
+    for label, model, inputs in zoo_models():
         records = profile(model, inputs, name=label,
                                 progress=progress_line(label))
         store.append(records)
-        # Stages of the zoo models too (splits into 2 and 3 stages), so the predictor
-        # sees what running units together changes.
+        # Stages of the zoo models too, so the predictor sees what running units together
+        # changes: every pair of neighbours (two splits) and splits into 2 and 3 stages.
         count = len({r.unit_index for r in records})
-        for stages in (2, 3):
-            if count >= stages:
-                store.append(profile(
-                    model, inputs, name=label, stage_of_unit=balanced_split(
-                        np.ones(count), stages), progress=progress_line(f"{label} {stages} stages")))
+        splits = {"pairs": [i // 2 for i in range(count)],
+                  "pairs shifted": [(i + 1) // 2 for i in range(count)]}
+        splits.update({f"{stages} stages": balanced_split(np.ones(count), stages)
+                       for stages in (2, 3) if count >= stages})
+        for split_name, stage_of_unit in splits.items():
+            store.append(profile(model, inputs, name=label, stage_of_unit=stage_of_unit,
+                                 progress=progress_line(f"{label} {split_name}")))
     for name, model, inputs, _ in layer_space(samples=samples, seed=0):
         store.append(profile(model, inputs, name=name,
                                    progress=progress_line(name)))
@@ -238,7 +288,7 @@ def measure_held_out(predictor: Predictor, profile: Profiler):
 
 def noise_floor(first, second) -> np.ndarray:
     """Relative difference of the same units timed twice, minutes apart."""
-    return np.array([a.median_s / b.median_s - 1.0 for a, b in zip(first, second)])
+    return np.array([a.time_s / b.time_s - 1.0 for a, b in zip(first, second)])
 
 
 def roofline_times(records, backend: str) -> np.ndarray:
@@ -262,10 +312,11 @@ def learned_times(model, records) -> np.ndarray:
     return np.array([model.predict_stage(r.parts or (r.features,)) for r in records])
 
 
-def from_measured_units(model, stage_records, unit_records) -> np.ndarray:
+def from_measured_units(model, stage_records, unit_records, joins: bool = False) -> np.ndarray:
     """Each stage predicted from its own units' measured times (c_run counted once): what
     a perfect per-unit predictor would say, so the gap to the stage's measurement is what
-    running units together (and drift between the two measurements) changes."""
+    running units together (and drift between the two measurements) changes; with
+    `joins`, plus the join model's prediction of that change."""
     by_model: dict[tuple[str, str], list] = {}
     for r in sorted(unit_records, key=lambda r: r.unit_index):
         by_model.setdefault((r.model, r.backend), []).append(r)
@@ -275,12 +326,14 @@ def from_measured_units(model, stage_records, unit_records) -> np.ndarray:
         names = [r.unit for r in rows]
         first, _, last = stage.unit.partition("..")
         inside = rows[names.index(first): names.index(last or first) + 1]
-        out.append(sum(r.median_s for r in inside) - (len(inside) - 1) * model.run_overhead_s)
+        times = np.array([r.time_s for r in inside])
+        added = model.joins([r.features for r in inside], times).sum() if joins else 0.0
+        out.append(times.sum() + added - (len(inside) - 1) * model.run_overhead_s)
     return np.array(out)
 
 
 def errors(predicted: np.ndarray, records) -> np.ndarray:
-    measured = np.array([r.median_s for r in records])
+    measured = np.array([r.time_s for r in records])
     return predicted / measured - 1.0
 
 
@@ -346,6 +399,7 @@ def main(argv=None) -> int:
     print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
     profile = Profiler(args.repeats)
     if not args.reuse_store:
+        profile.calibrate(*next(zoo_models())[1:])
         build_store(args.store, args.samples, profile)
     store_records = ProfileStore(args.store).load()
     predictor = Predictor.fit(store_records)
@@ -371,6 +425,13 @@ def main(argv=None) -> int:
           f"(profiled in {trained_s:.0f} s), held out {len(units)} unit and {len(stages)} stage "
           f"measurements", flush=True)
 
+    print("\nJoin model (what a cut inside a stage adds, planner/predictor.py):")
+    for backend in BACKENDS:
+        coef = predictor.models[("host", backend)].join_coef
+        print(f"{backend:<8} " + ("none (does not predict left-out models' stages)" if coef is None else
+              f"{coef[0] * 1e6:+.1f} us per cut, {coef[1] * 1e12:+.1f} us per MB of 4-D tensors, "
+              f"{coef[2] * 1e12:+.1f} us per MB of other tensors, {coef[3] * 1e12:+.2f} us per MB "
+              f"of the two units' weights, {coef[4] * 1e12:+.1f} us per MB of a pointwise unit after it"))
     print("\nMachine drift: the reference workload (profile.reference_model, timed in every round)")
     for backend in BACKENDS:
         phases = [("training", [r for r in store_records if r.backend == backend]),
@@ -401,13 +462,14 @@ def main(argv=None) -> int:
     print("\nHeld-out models (never in the store): median |error| and share within +-10 %;")
     print("additive = the per-kind law alone, learned = additive x residual model (+ c_run once per stage)")
     print("units measured = each stage predicted from its own units' measured times (the best a")
-    print("per-unit predictor can do)")
+    print("per-unit predictor can do without joins), + joins = that plus the join model")
     print(f"{'backend':<8} {'level':<6} {'model':<16} {'n':>4} | {'roofline':>8} {'<=10%':>7} | "
-          f"{'additive':>8} {'<=10%':>7} | {'learned':>8} {'<=10%':>7} | {'units measured':>15}")
+          f"{'additive':>8} {'<=10%':>7} | {'learned':>8} {'<=10%':>7} | {'units measured':>15} | "
+          f"{'+ joins':>15}")
     families = ("hf-gpt2", "hf-llama", "sep-cnn", "all")
     for backend in BACKENDS:
         model = predictor.models[("host", backend)]
-        additive = dataclasses.replace(model, residual=None, corrections={})
+        additive = dataclasses.replace(model, residual=None, corrections={}, join_coef=None)
         for level, records in (("unit", units), ("stage", stages)):
             for family in families:
                 rows = [r for r in records if r.backend == backend
@@ -415,10 +477,11 @@ def main(argv=None) -> int:
                 roof = errors(roofline_times(rows, backend), rows)
                 plain = errors(learned_times(additive, rows), rows)
                 learned = errors(learned_times(model, rows), rows)
-                oracle = (errors(from_measured_units(model, rows, units), rows) if level == "stage"
-                          else np.zeros(0))
+                oracle, joined = (
+                    [errors(from_measured_units(model, rows, units, joins), rows) for joins in (False, True)]
+                    if level == "stage" else [np.zeros(0)] * 2)
                 print(f"{backend:<8} {level:<6} {family:<16} {len(rows):>4} | {summary(roof)} | "
-                      f"{summary(plain)} | {summary(learned)} | {summary(oracle)}")
+                      f"{summary(plain)} | {summary(learned)} | {summary(oracle)} | {summary(joined)}")
 
     print("\nAdaptation to a backend left out of training (held-out units + stages of it):")
     print(f"{'source -> target':<16} {'k':>3} {'median |err|':>12} {'<=10%':>6}")
