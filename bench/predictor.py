@@ -3,15 +3,18 @@
     .venv/bin/python bench/predictor.py [--samples 16] [--repeats 15] [--store bench/out/predictor_store.jsonl]
 
 One run, in order:
-1. Training store: the zoo (examples/gpt.py and examples/resnet.py at several sizes) and
-   the sampled layer space (planner/layer_space.py) profiled unit by unit on this host's
-   ONNX Runtime CPU with 1 and 2 threads (`profile_units`: warm-up, repeats, median,
-   rounds retried while the reference workload ran slow), and the zoo models also split
-   into 2 and 3 stages (stage records: what running units together changes).
+1. Training store: after one calibration profile (the machine's speed, discarded), the
+   zoo (examples/gpt.py and examples/resnet.py at several sizes, two separable CNN chains
+   built from the layer space's blocks) and the sampled layer space
+   (planner/layer_space.py) profiled unit by unit on this host's ONNX Runtime CPU with 1
+   and 2 threads (`profile_units`: warm-up, repeats, quietest round's median, rounds
+   retried while the reference workload ran slow), and the zoo models also run as every
+   pair of neighbours and split into 2 and 3 stages (stage records: what running units
+   together changes, the join model's data).
 2. Held out (never in the store): HF GPT-2 and HF LLaMA built from configs
-   (examples/gpt2_hf.py, examples/llama_hf.py) and a depthwise-separable CNN defined here
-   (the zoo's CNNs are dense-conv ResNets; the layer space has its own LLaMA-style and
-   separable blocks at sampled shapes), each at two sizes. Measured per unit, and per
+   (examples/gpt2_hf.py, examples/llama_hf.py) and a MobileNet-v1-style CNN defined here
+   (ReLU6, its own widths and resolutions; the zoo's CNNs are ResNets and two Hardswish /
+   ReLU separable chains), each at two sizes. Measured per unit, and per
    stage for splits into 1 to 4 stages balanced on the learned prediction, every stage
    exported as one ONNX file and timed exactly like the training data (same threads,
    same session settings, same statistics).
@@ -21,7 +24,9 @@ One run, in order:
    preset's figures), of the additive law alone and of the learned predictor (additive x
    residual model), per unit and per stage, per backend; and for stages, each stage
    predicted from its own units' measured times ("units measured": the best a per-unit
-   predictor can do). Before it, the reference workload's time per phase (drift).
+   predictor can do), and that plus the join model ("+ joins"). Before it, the join
+   model's coefficients (or that it was dropped) and the reference workload's time per
+   phase (drift).
 5. Adaptation: a predictor trained on one backend only, moved to the other from k = 0, 5,
    10, 20 random samples of the other's training records (median over 10 draws).
 6. The predictor's cost: per predicted unit, and costing every unit of a LLaMA-7B-shaped
