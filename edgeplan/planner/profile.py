@@ -1,6 +1,6 @@
-"""Profile: measure real per-unit latency on this host's ONNX Runtime CPU backend.
+"""Profile: measure real per-unit latency on this host's ONNX Runtime CPU (and TVM).
 
-    profile_units(model, example_inputs, threads=(1, 2)) -> [UnitProfile, ...]
+    profile_units(model, example_inputs, threads=(1, 2), tvm=False) -> [UnitProfile, ...]
     ProfileStore("profiles.jsonl").append(records); .load(); .for_backend("host", "cpu1")
 
 The model is captured, annotated and grouped into units (granularity "block") as the
@@ -37,7 +37,9 @@ smallest over every round timed (retried ones too). A slow spell only adds time,
 often covers a whole round without showing in the reference around it: six profiles of
 the same two models in one process, spells coming and going, spread by 50-54 % (median
 over units, cpu1) in their overall medians and by 2.7-5.2 % in quiet_s (cpu2: 29-50 % vs
-13-25 %). Each (unit, t) pair gives one
+13-25 %). With `tvm=True` each unit's ONNX file is
+also built as a TVM Relax library for this host (the TVM target's dlight build, cached)
+and timed with one thread in the same rounds: backend "tvm1". Each (unit, t) pair gives one
 UnitProfile on backend `cpu{t}` of device "host" (the `host` device preset in
 planner/fleet.py describes this machine), with robust statistics (median,
 p10, p90, and the number of runs more than 3 scaled MADs from the median) and the unit's
@@ -111,8 +113,24 @@ MAD_SCALE = 1.4826  # MAD * 1.4826 estimates the standard deviation of a normal 
 Progress = Callable[[int, int, str], None]
 
 
+# The TVM backend `profile_units(tvm=True)` adds: each unit built as a TVM Relax library
+# for this host (dlight schedules, as `compile --targets tvm` builds it), one thread.
+TVM_BACKEND = "tvm1"
+
+
 def backend_name(threads: int) -> str:
     return f"cpu{threads}"
+
+
+class _TvmRunner:
+    """A TVM stage session behind ONNX Runtime's `run(output_names, feeds)`, so both are
+    warmed up and timed by the same code."""
+
+    def __init__(self, session):
+        self.session = session
+
+    def run(self, _output_names, feeds):
+        return self.session.run(feeds)
 
 
 @dataclass(frozen=True)
@@ -397,7 +415,7 @@ def profile_units(model, example_inputs, *, threads: Sequence[int] = (1, 2), war
                   fastest_reference: Mapping[int, float] | None = None,
                   name: str | None = None,
                   progress: Progress | None = None,
-                  stage_of_unit: Sequence[int] | None = None) -> list[UnitProfile]:
+                  stage_of_unit: Sequence[int] | None = None, tvm: bool = False) -> list[UnitProfile]:
     """Measure every unit of `model` on backends cpu{t} of device "host" for t in `threads`.
 
     Returns one UnitProfile per (unit, thread count), units in graph order and thread
@@ -411,6 +429,10 @@ def profile_units(model, example_inputs, *, threads: Sequence[int] = (1, 2), war
     With `stage_of_unit` (the stage index of every unit, as a plan assigns them), the
     stages are timed instead, each exported as one ONNX file like the compiler emits it:
     a stage of several units gives a stage-level record (summed features and "parts").
+
+    With `tvm`, every unit (or stage) is also built as a TVM library for this host and
+    timed with one thread, interleaved with the ONNX Runtime sessions: backend TVM_BACKEND
+    (needs apache-tvm; builds are cached like the TVM target's).
     """
     import numpy as np
     import onnxruntime as ort
@@ -447,7 +469,7 @@ def profile_units(model, example_inputs, *, threads: Sequence[int] = (1, 2), war
     groups = [[u for u in units if stage_of_unit[u.index] == s] for s in range(stage_of_unit[-1] + 1)]
     stage_graphs = split_stages(gm, stage_of_unit)
     env = bind_inputs(signature, example_inputs)
-    total = len(groups) + rounds
+    total = len(groups) * (2 if tvm else 1) + rounds
     done = 0
 
     def step(label: str) -> None:
@@ -470,23 +492,30 @@ def profile_units(model, example_inputs, *, threads: Sequence[int] = (1, 2), war
             exported.append((index, group, Path(tmp) / artifact.path, feeds))
             step(f"export {_group_name(group)}")
 
+        # keys: (unit or stage index, its units, backend, threads the timing uses)
         runs, keys = [], []
         for index, group, path, feeds in exported:
             for t in threads:
                 session = _session(path, t)
                 # The exporter drops inputs a unit does not read: feed what the file asks for.
-                wanted = {i.name for i in session.get_inputs()}
-                runs.append((session, {k: v for k, v in feeds.items() if k in wanted}))
-                keys.append((index, group, t))
+                wanted = [i.name for i in session.get_inputs()]
+                feeds_used = {k: feeds[k] for k in wanted}
+                runs.append((session, feeds_used))
+                keys.append((index, group, backend_name(t), t))
+            if tvm:
+                runs.append((_tvm_runner(path, index, session, feeds_used), feeds_used))
+                keys.append((index, group, TVM_BACKEND, 1))
+                step(f"build TVM {_group_name(group)}")
         reference_feeds = {"x": np.random.default_rng(0).standard_normal((64, 256), dtype=np.float32)}
-        references = {t: _session(reference_model(), t) for t in threads}
+        timed_threads = sorted({t for *_, t in keys})
+        references = {t: _session(reference_model(), t) for t in timed_threads}
         cpu = pinned_cpu()
 
         def pinned_for(threads_used: int):
             """1-thread timings run pinned to one CPU, others unpinned (module docstring)."""
             return pinned(cpu if threads_used == 1 else None)
 
-        for (session, feeds), (_, _, t) in zip(runs, keys):
+        for (session, feeds), (*_, t) in zip(runs, keys):
             with pinned_for(t):
                 warm_up(session, feeds, warmup)
         for t, session in references.items():
@@ -502,7 +531,7 @@ def profile_units(model, example_inputs, *, threads: Sequence[int] = (1, 2), war
 
         def time_round() -> list[list[float]]:
             timed = []
-            for (session, feeds), (_, _, t) in zip(runs, keys):
+            for (session, feeds), (*_, t) in zip(runs, keys):
                 with pinned_for(t):
                     timed.append(time_session(session, feeds, 0, math.ceil(repeats / rounds), MIN_ROUND_S))
             return timed
@@ -512,7 +541,7 @@ def profile_units(model, example_inputs, *, threads: Sequence[int] = (1, 2), war
         round_references: list[dict[int, float]] = []
         round_samples: list[list[list[float]]] = []
         before = reference_times()
-        fastest = {t: min(before[t], (fastest_reference or {}).get(t, math.inf)) for t in threads}
+        fastest = {t: min(before[t], (fastest_reference or {}).get(t, math.inf)) for t in timed_threads}
         reported = 0
         while True:
             if round_references and not _is_steady(round_references[-1], fastest):
@@ -520,8 +549,8 @@ def profile_units(model, example_inputs, *, threads: Sequence[int] = (1, 2), war
                 before = reference_times()
             round_samples.append(time_round())
             after = reference_times()
-            fastest = {t: min(fastest[t], before[t], after[t]) for t in threads}
-            round_references.append({t: max(before[t], after[t]) for t in threads})
+            fastest = {t: min(fastest[t], before[t], after[t]) for t in timed_threads}
+            round_references.append({t: max(before[t], after[t]) for t in timed_threads})
             before = after
             kept = choose_rounds(round_references, fastest, rounds, extra_rounds)
             steady = rounds if kept is not None else sum(
@@ -534,23 +563,42 @@ def profile_units(model, example_inputs, *, threads: Sequence[int] = (1, 2), war
             if kept is not None:
                 break
         samples_per_run = [[x for k in kept for x in round_samples[k][i]] for i in range(len(runs))]
-        reference_rounds = {t: [round_references[k][t] for k in kept] for t in threads}
+        reference_rounds = {t: [round_references[k][t] for k in kept] for t in timed_threads}
         runs.clear()  # the sessions are done: free them before building records
         references.clear()
-        for i, ((index, group, t), timed) in enumerate(zip(keys, samples_per_run)):
+        for i, ((index, group, backend, t), timed) in enumerate(zip(keys, samples_per_run)):
             parts = tuple(unit_features(unit) for unit in group)
             median, p10, p90, outliers = robust_stats(timed)
             quiet = min(float(np.median(samples[i])) for samples in round_samples)
             records.append(UnitProfile(
                 model=signature.name, unit=_group_name(group), device=DEVICE,
-                backend=backend_name(t), features=combine_features(parts), median_s=median,
+                backend=backend, features=combine_features(parts), median_s=median,
                 p10_s=p10, p90_s=p90, repeats=len(timed),
                 timestamp=datetime.now(UTC).isoformat(timespec="seconds"), outliers=outliers,
                 unit_index=index, host=host, runtime=runtime,
                 parts=parts if len(parts) > 1 else (),
                 reference_s=float(np.median(reference_rounds[t])), quiet_s=quiet))
-    records.sort(key=lambda r: (r.unit_index, threads.index(int(r.backend[3:]))))
+    order = [backend_name(t) for t in threads] + [TVM_BACKEND]
+    records.sort(key=lambda r: (r.unit_index, order.index(r.backend)))
     return records
+
+
+def _tvm_runner(path: Path, index: int, onnx_session, feeds: dict) -> _TvmRunner:
+    """The unit's ONNX file built as a TVM library next to it, in a one-thread session."""
+    from edgeplan.runtime.manifest import StageEntry, TensorEntry
+    from edgeplan.runtime.tvm_session import TvmStageSession
+    from edgeplan.targets.tvm import TvmTarget
+
+    built = TvmTarget(target="host", schedule="dlight").emit(path, index, path.parent)
+    outputs = onnx_session.run(None, feeds)
+    entry = StageEntry(
+        index=index, device=DEVICE, backend=TVM_BACKEND, execution_providers=("tvm:llvm",),
+        artifact=built.artifact,
+        inputs=tuple(TensorEntry(n, tuple(a.shape), str(a.dtype)) for n, a in feeds.items()),
+        outputs=tuple(TensorEntry(o.name, tuple(a.shape), str(a.dtype))
+                      for o, a in zip(onnx_session.get_outputs(), outputs)),
+        forward=())
+    return _TvmRunner(TvmStageSession(path.parent, entry, threads=1))
 
 
 def _group_name(units) -> str:

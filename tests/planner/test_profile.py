@@ -13,6 +13,7 @@ from edgeplan.errors import EdgeplanError
 from edgeplan.planner.profile import (
     FORMAT,
     OP_KINDS,
+    TVM_BACKEND,
     ProfileStore,
     UnitProfile,
     choose_rounds,
@@ -240,3 +241,24 @@ def test_cli_profile_writes_store(tmp_path, capsys):
     assert "host/cpu1" in captured.out and "host/cpu2" in captured.out
     assert "total" in captured.out and str(store) in captured.out
     assert "\r" in captured.err
+
+
+def test_cli_profile_times_tvm_libraries_too(tmp_path, capsys):
+    """--tvm: every unit also built as a TVM library for this host and timed as backend
+    tvm1, in the same rounds (same 1-thread reference) as ONNX Runtime's cpu1."""
+    pytest.importorskip("tvm")
+    factory = tmp_path / "tiny_gpt.py"
+    factory.write_text(
+        "from edgeplan.cli import load_module\n"
+        f"gpt = load_module({str(EXAMPLES / 'gpt.py')!r})\n"
+        "def build():\n"
+        "    return gpt.build(n_layer=1, d_model=32, n_head=2, vocab=64, seq=8)\n")
+    store = tmp_path / "profiles.jsonl"
+    assert main(["profile", f"{factory}:build", "--store", str(store), "--threads", "1",
+                 "--repeats", "3", "--tvm"]) == 0
+    records = ProfileStore(store).load()
+    units = list(dict.fromkeys(r.unit for r in records))
+    assert [(r.unit, r.backend) for r in records] == [(u, b) for u in units for b in ("cpu1", TVM_BACKEND)]
+    for cpu, tvm in zip(records[::2], records[1::2]):
+        assert tvm.quiet_s > 0 and tvm.features == cpu.features and tvm.reference_s == cpu.reference_s
+    assert "host/tvm1" in capsys.readouterr().out
