@@ -108,6 +108,11 @@ MIN_ROUND_S = 0.005
 DRIFT_TOLERANCE = 0.10
 # Pause before timing a slowed round again: the bursts last seconds.
 RETRY_WAIT_S = 0.5
+# Rounds per call, and at most as many again timed while the machine ran slow: more, shorter
+# rounds give the quietest round more chances (the same stages profiled five times each,
+# interleaved, spread 2.5-3.3 % (cpu1) and 7.8-8.0 % (cpu2) with 6 rounds, 4.4-5.9 % and
+# 11.8-47.7 % with 3).
+ROUNDS = 6
 MAD_SCALE = 1.4826  # MAD * 1.4826 estimates the standard deviation of a normal sample
 
 Progress = Callable[[int, int, str], None]
@@ -411,7 +416,7 @@ def warm_up(session, feeds: dict, warmup: int) -> None:
 
 
 def profile_units(model, example_inputs, *, threads: Sequence[int] = (1, 2), warmup: int = 3,
-                  repeats: int = 15, rounds: int = 3, extra_rounds: int | None = None,
+                  repeats: int = 15, rounds: int = ROUNDS, extra_rounds: int | None = None,
                   fastest_reference: Mapping[int, float] | None = None,
                   name: str | None = None,
                   progress: Progress | None = None,
@@ -422,7 +427,7 @@ def profile_units(model, example_inputs, *, threads: Sequence[int] = (1, 2), war
     counts in the given order within a unit. `progress(done, total, label)` is called
     after each export and each kept timing round (and once with done=0 before starting).
     Rounds timed while the machine ran slow are repeated, at most `extra_rounds` times
-    (default: 2 * `rounds`; module docstring); `fastest_reference` (thread count -> the
+    (default: `rounds`; module docstring); `fastest_reference` (thread count -> the
     fastest `reference_s` of records profiled before on this host) keeps a call that runs
     entirely in a slow spell from taking it for the machine's speed.
 
@@ -448,7 +453,7 @@ def profile_units(model, example_inputs, *, threads: Sequence[int] = (1, 2), war
         raise EdgeplanError(f"profile: thread counts must be >= 1, got {list(threads)}")
     if len(set(threads)) != len(threads):
         raise EdgeplanError(f"profile: thread counts repeat: {list(threads)}")
-    extra_rounds = 2 * rounds if extra_rounds is None else extra_rounds
+    extra_rounds = rounds if extra_rounds is None else extra_rounds
     if repeats < 1 or warmup < 0 or rounds < 1 or extra_rounds < 0:
         raise EdgeplanError(f"profile: need repeats >= 1, warmup >= 0, rounds >= 1 and "
                             f"extra_rounds >= 0, got {repeats}, {warmup}, {rounds}, {extra_rounds}")

@@ -13,6 +13,7 @@ from edgeplan.errors import EdgeplanError
 from edgeplan.planner.profile import (
     FORMAT,
     OP_KINDS,
+    ROUNDS,
     TVM_BACKEND,
     ProfileStore,
     UnitProfile,
@@ -66,7 +67,7 @@ def test_every_unit_has_a_record_per_backend(profiled):
     assert sum(block.features[f"{k}_flops"] for k in OP_KINDS) == block.features["flops"]
     # progress: starts at 0, counts up by one to the total
     assert [c[0] for c in calls] == list(range(calls[-1][1] + 1))
-    assert calls[-1][1] == len(units) + 3  # one export per unit, then 3 timing rounds
+    assert calls[-1][1] == len(units) + ROUNDS  # one export per unit, then the timing rounds
     # a unit of microseconds is timed for MIN_ROUND_S per round, so far more than 5 runs
     assert next(r for r in records if r.unit == "tok_emb").repeats > 5
 
