@@ -224,13 +224,19 @@ def test_unit_sum_matches_whole_model(tiny, profiled, tmp_path):
     assert 1 / 3 <= ratio <= 3
 
 
-def test_cli_profile_writes_store(tmp_path, capsys):
-    factory = tmp_path / "tiny_gpt.py"
+def tiny_gpt_factory(directory):
+    """A factory file for the CLI: a one-block GPT."""
+    factory = directory / "tiny_gpt.py"
     factory.write_text(
         "from edgeplan.cli import load_module\n"
         f"gpt = load_module({str(EXAMPLES / 'gpt.py')!r})\n"
         "def build():\n"
         "    return gpt.build(n_layer=1, d_model=32, n_head=2, vocab=64, seq=8)\n")
+    return factory
+
+
+def test_cli_profile_writes_store(tmp_path, capsys):
+    factory = tiny_gpt_factory(tmp_path)
     store = tmp_path / "out" / "profiles.jsonl"
     code = main(["profile", f"{factory}:build", "--store", str(store), "--threads", "1", "2",
                  "--repeats", "3"])
@@ -248,12 +254,7 @@ def test_cli_profile_times_tvm_libraries_too(tmp_path, capsys):
     """--tvm: every unit also built as a TVM library for this host and timed as backend
     tvm1, in the same rounds (same 1-thread reference) as ONNX Runtime's cpu1."""
     pytest.importorskip("tvm")
-    factory = tmp_path / "tiny_gpt.py"
-    factory.write_text(
-        "from edgeplan.cli import load_module\n"
-        f"gpt = load_module({str(EXAMPLES / 'gpt.py')!r})\n"
-        "def build():\n"
-        "    return gpt.build(n_layer=1, d_model=32, n_head=2, vocab=64, seq=8)\n")
+    factory = tiny_gpt_factory(tmp_path)
     store = tmp_path / "profiles.jsonl"
     assert main(["profile", f"{factory}:build", "--store", str(store), "--threads", "1",
                  "--repeats", "3", "--tvm"]) == 0
