@@ -35,9 +35,9 @@ say how fast the machine was then. The time a predictor learns (`UnitProfile.tim
 `quiet_s`, the median of the quietest round: each round's median of its runs, the
 smallest over every round timed (retried ones too). A slow spell only adds time, and it
 often covers a whole round without showing in the reference around it: six profiles of
-the same two models in one process, spells coming and going, spread by 50-54 % (median
-over units, cpu1) in their overall medians and by 2.7-5.2 % in quiet_s (cpu2: 29-50 % vs
-13-25 %). With `tvm=True` each unit's ONNX file is
+the same two models in one process, spells coming and going, spread by 50-55 % (median
+over units, cpu1) in their overall medians and by 2.7-3.6 % in quiet_s (cpu2, two threads
+on two shared vCPUs, noisy either way: 29-60 % vs 5-59 %). With `tvm=True` each unit's ONNX file is
 also built as a TVM Relax library for this host (the TVM target's dlight build, cached)
 and timed with one thread in the same rounds: backend "tvm1". Each (unit, t) pair gives one
 UnitProfile on backend `cpu{t}` of device "host" (the `host` device preset in
@@ -125,17 +125,6 @@ TVM_BACKEND = "tvm1"
 
 def backend_name(threads: int) -> str:
     return f"cpu{threads}"
-
-
-class _TvmRunner:
-    """A TVM stage session behind ONNX Runtime's `run(output_names, feeds)`, so both are
-    warmed up and timed by the same code."""
-
-    def __init__(self, session):
-        self.session = session
-
-    def run(self, _output_names, feeds):
-        return self.session.run(feeds)
 
 
 @dataclass(frozen=True)
@@ -423,8 +412,8 @@ def profile_units(model, example_inputs, *, threads: Sequence[int] = (1, 2), war
                   stage_of_unit: Sequence[int] | None = None, tvm: bool = False) -> list[UnitProfile]:
     """Measure every unit of `model` on backends cpu{t} of device "host" for t in `threads`.
 
-    Returns one UnitProfile per (unit, thread count), units in graph order and thread
-    counts in the given order within a unit. `progress(done, total, label)` is called
+    Returns one UnitProfile per (unit, backend), units in graph order and within a unit
+    the thread counts in the given order, then TVM_BACKEND. `progress(done, total, label)` is called
     after each export and each kept timing round (and once with done=0 before starting).
     Rounds timed while the machine ran slow are repeated, at most `extra_rounds` times
     (default: `rounds`; module docstring); `fastest_reference` (thread count -> the
@@ -586,6 +575,17 @@ def profile_units(model, example_inputs, *, threads: Sequence[int] = (1, 2), war
     order = [backend_name(t) for t in threads] + [TVM_BACKEND]
     records.sort(key=lambda r: (r.unit_index, order.index(r.backend)))
     return records
+
+
+class _TvmRunner:
+    """A TVM stage session behind ONNX Runtime's `run(output_names, feeds)`, so both are
+    warmed up and timed by the same code."""
+
+    def __init__(self, session):
+        self.session = session
+
+    def run(self, _output_names, feeds):
+        return self.session.run(feeds)
 
 
 def _tvm_runner(path: Path, index: int, onnx_session, feeds: dict) -> _TvmRunner:
