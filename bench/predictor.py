@@ -95,30 +95,18 @@ ZOO = [
 ]
 
 
-class SeparableBlock(nn.Module):
-    """Depthwise 3x3 + BN + ReLU6, pointwise 1x1 + BN + ReLU6 (MobileNet v1)."""
-
-    def __init__(self, c_in: int, c_out: int, stride: int):
-        super().__init__()
-        self.depthwise = nn.Conv2d(c_in, c_in, 3, stride, 1, groups=c_in, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_in)
-        self.pointwise = nn.Conv2d(c_in, c_out, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.act = nn.ReLU6()
-
-    def forward(self, x):
-        return self.act(self.bn2(self.pointwise(self.act(self.bn1(self.depthwise(x))))))
-
-
 class SeparableCNN(nn.Module):
-    """A MobileNet-v1-style CNN: not in the training zoo (depthwise convs, ReLU6)."""
+    """A MobileNet-v1-style CNN of the layer space's separable blocks: a strided conv stem,
+    then blocks that halve the resolution where their index has parity `downsample`."""
 
-    def __init__(self, widths=(32, 64, 128, 128, 256), num_classes: int = 100):
+    def __init__(self, widths, kernel: int = 3, activation: type[nn.Module] = nn.ReLU6,
+                 downsample: int = 1, num_classes: int = 100):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 2, 1, bias=False),
-                                  nn.BatchNorm2d(widths[0]), nn.ReLU6())
+                                  nn.BatchNorm2d(widths[0]), activation())
         self.features = nn.ModuleList(
-            SeparableBlock(a, b, 2 if i % 2 else 1) for i, (a, b) in enumerate(zip(widths, widths[1:])))
+            SeparableConvBlock(a, b, kernel, 2 if i % 2 == downsample else 1, activation())
+            for i, (a, b) in enumerate(zip(widths, widths[1:])))
         self.head = nn.Linear(widths[-1], num_classes)
 
     def forward(self, pixels):
@@ -128,9 +116,11 @@ class SeparableCNN(nn.Module):
         return self.head(x.mean(dim=(2, 3)))
 
 
-def build_separable_cnn(*, batch=1, image_size=64, widths=(32, 64, 128, 128, 256)):
-    torch.manual_seed(0)
-    model = SeparableCNN(widths)
+def build_separable_cnn(*, batch=1, image_size=64, widths=(32, 64, 128, 128, 256), seed=0, **options):
+    """The held-out CNN by default (ReLU6, 3x3, odd blocks downsample); `options` go to
+    SeparableCNN (the zoo's separable chains)."""
+    torch.manual_seed(seed)
+    model = SeparableCNN(widths, **options)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -139,47 +129,19 @@ def build_separable_cnn(*, batch=1, image_size=64, widths=(32, 64, 128, 128, 256
     return model.eval(), {"pixels": torch.randn(batch, 3, image_size, image_size)}
 
 
-class SeparableChain(nn.Module):
-    """A small depthwise-separable CNN for the training zoo, made of the layer space's
-    blocks (kernel 5 or 3, Hardswish or ReLU): the zoo's ResNets alone taught the join
-    model their NCHWc savings, which depthwise blocks do not have."""
-
-    def __init__(self, widths, kernel: int, activation: type[nn.Module]):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 2, 1, bias=False),
-                                  nn.BatchNorm2d(widths[0]), activation())
-        self.blocks = nn.ModuleList(
-            SeparableConvBlock(a, b, kernel, 2 if i % 2 == 0 else 1, activation())
-            for i, (a, b) in enumerate(zip(widths, widths[1:])))
-        self.head = nn.Linear(widths[-1], 10)
-
-    def forward(self, pixels):
-        x = self.stem(pixels)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x.mean(dim=(2, 3)))
-
-
-def build_separable_chain(*, widths, kernel, activation, image_size):
-    torch.manual_seed(1)
-    model = SeparableChain(widths, kernel, activation)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_var.uniform_(0.5, 1.5)
-    return model.eval(), {"pixels": torch.randn(1, 3, image_size, image_size)}
-
-
 def zoo_models():
     """(label, model, inputs) of every training zoo model."""
     for name, config in ZOO:
         model, inputs = load_module(EXAMPLES / f"{name}.py").build(**config)
         yield (f"{name}-" + "-".join(str(v) for v in config.values() if not isinstance(v, tuple)),
                model, inputs)
+    # Separable CNNs unlike the held-out one (Hardswish / ReLU, kernel 5 / 3, even blocks
+    # downsample): the zoo's ResNets alone taught the join model their NCHWc savings,
+    # which depthwise blocks do not have.
     for widths, kernel, activation, size in (((24, 48, 96, 96), 5, nn.Hardswish, 48),
                                              ((16, 40, 80, 160), 3, nn.ReLU, 80)):
-        model, inputs = build_separable_chain(widths=widths, kernel=kernel, activation=activation,
-                                              image_size=size)
+        model, inputs = build_separable_cnn(widths=widths, kernel=kernel, activation=activation,
+                                            image_size=size, seed=1, downsample=0, num_classes=10)
         yield f"sepchain-{widths[-1]}-k{kernel}-{size}", model, inputs
 
 
