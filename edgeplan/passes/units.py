@@ -5,7 +5,11 @@ with granularity "block" the key is the path up to the first ModuleList/Sequenti
 (`layers.3`, one transformer or residual block), other nodes keep their leaf module
 (`embed_tokens`, `norm`, `lm_head`); with "layer" one level deeper (`layers.3.self_attn`,
 `layers.3.mlp`). Runs without weights or heavy ops (masks, position ids, activations)
-join the unit before them (the first one joins the unit after it).
+join the unit before them (the first one joins the unit after it), and so do runs of ops
+the runtime folds into the convolution before them (kind "fused": a batch norm and its
+activation in a module of their own, `stem.1` after `stem.0`), whose weights fold into
+the convolution's: a cut there would run them unfolded (a ReLU6 batch norm after a
+strided stem convolution took 16 us on its own here, nothing folded).
 
 Writes `node.meta["edgeplan.unit"]` (unit index) on every compute and weight node and
 returns the Unit records. Each unit knows the tensors that cross the cut after it: every
@@ -102,9 +106,10 @@ def _runs(compute_nodes: list[torch.fx.Node], granularity: str) -> list[list[tor
 
 def _is_light(run: list[torch.fx.Node]) -> bool:
     for node in run:
-        if node.meta[COST_KEY].kind in HEAVY_KINDS:
+        kind = node.meta[COST_KEY].kind
+        if kind in HEAVY_KINDS:
             return False
-        if any(arg.op == "get_attr" for arg in node.all_input_nodes):
+        if kind != "fused" and any(arg.op == "get_attr" for arg in node.all_input_nodes):
             return False
     return True
 

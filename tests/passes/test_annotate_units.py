@@ -85,6 +85,32 @@ def test_norm_and_activation_after_a_conv_are_fused():
     assert sum(m.count for u in units for m in u.op_mix if m.kind == "fused") == 2
 
 
+class SequentialStem(nn.Module):
+    """A stem whose conv, batch norm and activation are separate Sequential children (the
+    torchvision spelling), then a block with its own unfolded norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU6())
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Conv2d(8, 8, 1), nn.ReLU())])
+        self.norm = nn.LayerNorm(4)
+
+    def forward(self, x):
+        return self.norm(self.blocks[0](self.stem(x)))
+
+
+def test_folded_norm_and_activation_join_their_convolution_unit():
+    gm = annotate(capture(SequentialStem().eval(), (torch.randn(1, 3, 8, 8),)))
+    units = group_units(gm)
+    # stem.1 (BN) and stem.2 (ReLU6) fold into stem.0: no cut between them; the
+    # LayerNorm is a real op with weights and stays a unit of its own.
+    assert [u.name for u in units] == ["stem.0", "blocks.0", "norm"]
+    stem = units[0]
+    assert {m.kind: m.count for m in stem.op_mix} == {"conv": 1, "fused": 2}
+    assert stem.param_bytes == (8 * 3 * 3 * 3 + 4 * 8) * 4  # conv weight + BN's four vectors
+    assert stem.cut_bytes == 8 * 4 * 4 * 4  # the activation after ReLU6, not the conv's output
+
+
 class AttentionOnly(nn.Module):
     def forward(self, q, k, v):
         return F.scaled_dot_product_attention(q, k, v)
