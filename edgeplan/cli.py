@@ -214,7 +214,7 @@ def cmd_profile(args) -> int:
         model, example_inputs = built
         records += profile_units(
             model, example_inputs, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
-            tvm=args.tvm,
+            extra_rounds=args.retries, tvm=args.tvm,
             name=args.model.rpartition(":")[0].rpartition("/")[2].removesuffix(".py") or None,
             progress=progress, fastest_reference=fastest_reference_of(measured))
     if args.layer_space:
@@ -222,7 +222,8 @@ def cmd_profile(args) -> int:
 
         for name, bank, inputs, _ in layer_space(samples=args.samples, seed=args.seed):
             records += profile_units(bank, inputs, threads=args.threads, warmup=args.warmup,
-                                     repeats=args.repeats, tvm=args.tvm, name=name, progress=progress,
+                                     repeats=args.repeats, extra_rounds=args.retries, tvm=args.tvm,
+                                     name=name, progress=progress,
                                      fastest_reference=fastest_reference_of([*measured, *records]))
     if records:
         print(format_profiles(records))
@@ -452,6 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
     profile_parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                                 help="intra-op thread counts, one backend cpuN of device host each (default 1 2)")
     profile_parser.add_argument("--repeats", type=int, default=15, help="timed runs per unit (default 15)")
+    profile_parser.add_argument("--retries", type=int, default=None,
+                                help="timing rounds repeated at most while the machine runs slow, each "
+                                     "after a longer pause (default: as many as there are rounds; 0 "
+                                     "keeps the first rounds whatever the machine's speed)")
     profile_parser.add_argument("--tvm", action="store_true",
                                 help="also build every unit as a TVM library for this host (dlight, "
                                      "cached) and time it with one thread: backend tvm1 (needs the "

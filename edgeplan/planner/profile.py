@@ -28,7 +28,8 @@ down in bursts of seconds (the reference ran 127-215 us within one minute, at lo
 average < 1): a round whose reference ran more than DRIFT_TOLERANCE slower than the
 fastest reference (of the call, or `fastest_reference` from earlier calls; the reference
 with the fewest threads, pinned, decides: choose_rounds) is timed
-again after a pause of RETRY_WAIT_S, up to `extra_rounds` more rounds, and the `rounds`
+again after a pause of RETRY_WAIT_S, doubled at every further slow round up to
+MAX_RETRY_WAIT_S (23.5 s of waiting in all), up to `extra_rounds` more rounds, and the `rounds`
 rounds with the steadiest reference are kept. Each record keeps the median
 reference time of its kept rounds as `reference_s`, so records taken at different times
 say how fast the machine was then. The time a predictor learns (`UnitProfile.time_s`) is
@@ -106,8 +107,12 @@ MIN_ROUND_S = 0.005
 # A round is timed again when the reference workload around it ran this much slower than
 # the fastest it ran in the same call (other tenants' bursts slow it by up to 1.6x here).
 DRIFT_TOLERANCE = 0.10
-# Pause before timing a slowed round again: the bursts last seconds.
+# Pause before timing a slowed round again, doubled for every further slow round up to
+# MAX_RETRY_WAIT_S: most bursts last seconds, but some phases last half a minute (a zoo
+# ResNet's five profiles over 27 s all ran with the reference 1.4-1.7x slow, which six
+# retries 0.5 s apart did not wait out; its stages measured up to 50 % over its units).
 RETRY_WAIT_S = 0.5
+MAX_RETRY_WAIT_S = 8.0
 # Rounds per call, and at most as many again timed while the machine ran slow: more, shorter
 # rounds give the quietest round more chances (the same stages profiled five times each,
 # interleaved, spread 2.5-3.3 % (cpu1) and 7.8-8.0 % (cpu2) with 6 rounds, 4.4-5.9 % and
@@ -537,9 +542,11 @@ def profile_units(model, example_inputs, *, threads: Sequence[int] = (1, 2), war
         before = reference_times()
         fastest = {t: min(before[t], (fastest_reference or {}).get(t, math.inf)) for t in timed_threads}
         reported = 0
+        wait_s = RETRY_WAIT_S
         while True:
             if round_references and not _is_steady(round_references[-1], fastest):
-                time.sleep(RETRY_WAIT_S)
+                time.sleep(wait_s)
+                wait_s = min(2.0 * wait_s, MAX_RETRY_WAIT_S)
                 before = reference_times()
             round_samples.append(time_round())
             after = reference_times()

@@ -38,7 +38,8 @@ def tiny():
 def profiled(tiny):
     model, inputs = tiny
     calls = []
-    records = profile_units(model, inputs, threads=(1, 2), repeats=5,
+    # extra_rounds: retries during a slow spell only lengthen a test that times nothing exactly
+    records = profile_units(model, inputs, threads=(1, 2), repeats=5, extra_rounds=1,
                             progress=lambda done, total, label: calls.append((done, total, label)))
     return records, calls
 
@@ -125,6 +126,20 @@ def test_rounds_timed_while_the_machine_ran_slow_are_timed_again():
     slower = {1: 200e-6, 2: 80e-6}
     assert choose_rounds([slower, slow, slower, slow, steady, slower], fast, 3, 3) == [1, 3, 4]
     assert choose_rounds([slow], fast, rounds=1, extra_rounds=0) == [0]  # no retries allowed
+
+
+def test_the_wait_before_a_round_timed_again_doubles(tiny, monkeypatch):
+    """A machine slow through every round (a fastest reference no round can match): each
+    retry waits twice as long as the one before, up to MAX_RETRY_WAIT_S."""
+    from edgeplan.planner import profile
+
+    waits = []
+    monkeypatch.setattr(profile.time, "sleep", waits.append)
+    model, inputs = tiny
+    records = profile_units(model, inputs, threads=(1,), repeats=1, rounds=1, extra_rounds=6,
+                            fastest_reference={1: 1e-9})
+    assert waits == [0.5, 1.0, 2.0, 4.0, 8.0, 8.0]
+    assert profile.MAX_RETRY_WAIT_S == 8.0 and records and all(r.quiet_s > 0 for r in records)
 
 
 def test_fastest_reference_of_this_hosts_records(profiled):
@@ -239,7 +254,7 @@ def test_cli_profile_writes_store(tmp_path, capsys):
     factory = tiny_gpt_factory(tmp_path)
     store = tmp_path / "out" / "profiles.jsonl"
     code = main(["profile", f"{factory}:build", "--store", str(store), "--threads", "1", "2",
-                 "--repeats", "3"])
+                 "--repeats", "3", "--retries", "1"])
     assert code == 0
     records = ProfileStore(store).load()
     assert {r.backend for r in records} == {"cpu1", "cpu2"}
@@ -257,7 +272,7 @@ def test_cli_profile_times_tvm_libraries_too(tmp_path, capsys):
     factory = tiny_gpt_factory(tmp_path)
     store = tmp_path / "profiles.jsonl"
     assert main(["profile", f"{factory}:build", "--store", str(store), "--threads", "1",
-                 "--repeats", "3", "--tvm"]) == 0
+                 "--repeats", "3", "--retries", "1", "--tvm"]) == 0
     records = ProfileStore(store).load()
     units = list(dict.fromkeys(r.unit for r in records))
     assert [(r.unit, r.backend) for r in records] == [(u, b) for u in units for b in ("cpu1", TVM_BACKEND)]
