@@ -37,19 +37,20 @@ between profiled sizes gets sharper, and far from every profiled unit the predic
 stays the additive law.
 
 Stages. One session run of a stage pays the per-run cost c_run once, not once per unit,
-and a stage is not the sum of its units run alone: ONNX Runtime fuses across a cut inside
-a stage (a residual add into the next LayerNorm) and keeps 4-D activations in its blocked
-conv layout instead of reordering them at every unit's edges, while two units' weights in
-one session evict each other from the caches that a unit timed alone has to itself. A
-join model says what each cut inside a stage adds (usually negative):
+and a stage is not the sum of its units run alone: ONNX Runtime keeps 4-D activations in
+its blocked conv layout inside a stage instead of reordering them at every unit's edges,
+two units' weights in one session evict each other from the caches that a unit timed
+alone has to itself, and it fuses across a cut: a residual add before the cut and a
+LayerNorm unit after it become one SkipLayerNormalization, which ran 70 us here where the
+Add and LayerNormalization ran 25 us (GPT-2's last block and ln_f: +16 % as one stage).
+A join model says what each cut inside a stage adds:
 
     join(cut) = j_cut + j_nchw * nchw_bytes + j_other * other_bytes + j_weights * weight_bytes
-                + j_pointwise * pointwise_bytes
+                + j_layernorm * layernorm_bytes
 
-(the cut's 4-D and other tensor bytes, the two neighbours' weight bytes, and the bytes of
-the unit after the cut if it holds pointwise ops only: a BatchNorm and activation after a
-convolution's unit, a final LayerNorm, which ORT folds into the op before them when they
-share a session; signed coefficients), fitted on the store's stage records whose units were timed alone too: each
+(the cut's 4-D and other tensor bytes, the two neighbours' weight bytes, and the
+LayerNorm bytes of the unit after the cut if that unit holds pointwise ops only; signed
+coefficients), fitted on the store's stage records whose units were timed alone too: each
 gives measured stage - (sum of its units' measured times - (parts - 1) * c_run) = sum of
 its cuts' joins. It is kept only where it predicts the stages of models left out of its
 fit better than no join does (leave-one-model-out), and a join never saves more than the
@@ -92,8 +93,8 @@ RESIDUAL_NEIGHBORS = 4
 RESIDUAL_REACH = 2.0
 # The join model's features of a cut (module docstring) and the fewest stage records
 # (from at least two models) it is fitted on.
-JOIN_BASIS = ("cut", "nchw_bytes", "other_bytes", "weight_bytes", "pointwise_bytes")
-# Op kinds that make a unit more than pointwise work (what ORT cannot fold into a neighbour).
+JOIN_BASIS = ("cut", "nchw_bytes", "other_bytes", "weight_bytes", "layernorm_bytes")
+# Op kinds that make a unit more than pointwise work (what ORT cannot fuse with a neighbour).
 HEAVY_KINDS = ("matmul", "conv", "depthwise", "attention", "embedding")
 MIN_JOIN_RECORDS = 8
 JOIN_RIDGE = 1e-3
@@ -111,11 +112,14 @@ def feature_vector(features: dict[str, float]) -> np.ndarray:
 def join_features(before: dict[str, float], after: dict[str, float]) -> np.ndarray:
     """The JOIN_BASIS values of the cut between two consecutive units' features."""
     nchw = float(before.get("cut_nchw_bytes", 0.0))
-    pointwise = (0.0 if any(after.get(f"{kind}_count", 0.0) for kind in HEAVY_KINDS) else
-                 sum(float(after.get(f"{kind}_bytes", 0.0)) for kind in ("norm", "elementwise", "fused")))
+    # Kind "norm" is LayerNorm (and the batch and group norms no convolution folds); an
+    # RMSNorm is traced as elementwise ops and reductions, which ORT fuses into a
+    # SkipSimplifiedLayerNormalization that costs no more than the ops it replaces.
+    layernorm = (0.0 if any(after.get(f"{kind}_count", 0.0) for kind in HEAVY_KINDS)
+                 else float(after.get("norm_bytes", 0.0)))
     return np.array([1.0, nchw, float(before.get("cut_bytes", 0.0)) - nchw,
                      float(before.get("param_bytes", 0.0)) + float(after.get("param_bytes", 0.0)),
-                     pointwise])
+                     layernorm])
 
 
 def kinds_of(features: dict[str, float]) -> frozenset[str]:

@@ -118,7 +118,8 @@ def test_measured_units_are_predicted_as_measured():
 
 
 # What a cut inside a stage adds: per cut, per byte of 4-D and of other tensors crossing,
-# per byte of the two units' weights, per byte of a pointwise-only unit after it (JOIN_BASIS).
+# per byte of the two units' weights, per LayerNorm byte of a pointwise-only unit after it
+# (JOIN_BASIS).
 TRUE_JOIN = np.array([-1e-3, -2e-9, -4e-9, 1e-10, -1e-9])
 
 
@@ -455,7 +456,12 @@ def test_join_features_of_a_cut():
     norm_only = {"param_bytes": 20.0, "norm_count": 1.0, "norm_bytes": 400.0,
                  "elementwise_count": 1.0, "elementwise_bytes": 200.0, "fused_count": 1.0,
                  "fused_bytes": 50.0}
-    assert join_features(before, norm_only).tolist() == [1.0, 3000.0, 2000.0, 120.0, 650.0]
-    # a unit with a matmul is more than pointwise work: nothing to fold
+    # only the LayerNorm's bytes: ORT fuses it with the residual add before the cut
+    assert join_features(before, norm_only).tolist() == [1.0, 3000.0, 2000.0, 120.0, 400.0]
+    # an RMSNorm (elementwise ops and a reduction) fuses without a cost of its own
+    rms_norm = {"elementwise_count": 4.0, "elementwise_bytes": 900.0, "reduce_count": 1.0,
+                "reduce_bytes": 300.0}
+    assert join_features(before, rms_norm)[4] == 0.0
+    # a unit with a matmul is more than pointwise work: nothing to fuse
     assert join_features(before, {**norm_only, "matmul_count": 1.0})[4] == 0.0
     assert len(join_features({}, {})) == len(JOIN_BASIS)
