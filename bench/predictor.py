@@ -4,8 +4,8 @@
 
 One run, in order:
 1. Training store: after one calibration profile (the machine's speed, discarded), the
-   zoo (examples/gpt.py and examples/resnet.py at several sizes, two separable CNN chains
-   built from the layer space's blocks) and the sampled layer space
+   zoo (examples/gpt.py, examples/llama_style.py and examples/resnet.py at several sizes,
+   two separable CNN chains built from the layer space's blocks) and the sampled layer space
    (planner/layer_space.py) profiled unit by unit on this host's ONNX Runtime CPU with 1
    and 2 threads (`profile_units`: warm-up, repeats, quietest round's median, rounds
    retried while the reference workload ran slow), and the zoo models also run as every
@@ -89,6 +89,16 @@ ZOO = [
     ("gpt", dict(n_layer=2, d_model=320, n_head=8, vocab=1024, seq=96, batch=1)),
     ("gpt", dict(n_layer=2, d_model=384, n_head=6, vocab=2048, seq=128, batch=1)),
     ("gpt", dict(n_layer=1, d_model=512, n_head=8, vocab=2048, seq=32, batch=1)),
+    # LLaMA-style decoders written in this project (RMSNorm, rotary, grouped-query
+    # attention, SwiGLU): the op family of the held-out HF LLaMA, not its code or sizes.
+    ("llama_style", dict(n_layer=2, d_model=96, n_head=4, n_kv_head=2, mlp_hidden=256,
+                         vocab=384, seq=48, batch=1)),
+    ("llama_style", dict(n_layer=2, d_model=192, n_head=6, n_kv_head=2, mlp_hidden=512,
+                         vocab=768, seq=24, batch=2)),
+    ("llama_style", dict(n_layer=2, d_model=320, n_head=8, n_kv_head=8, mlp_hidden=864,
+                         vocab=1024, seq=96, batch=1)),
+    ("llama_style", dict(n_layer=1, d_model=384, n_head=6, n_kv_head=3, mlp_hidden=1024,
+                         vocab=2048, seq=128, batch=1)),
     ("resnet", dict(widths=(16, 32, 64, 128), image_size=32, batch=2)),
     ("resnet", dict(widths=(32, 64, 128, 256), image_size=64, batch=1, blocks_per_stage=1)),
     ("resnet", dict(widths=(8, 16, 32, 64), image_size=96, batch=1, blocks_per_stage=1)),

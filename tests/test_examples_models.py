@@ -12,6 +12,7 @@ EXAMPLES = {
     "resnet": ("pixels", (2, 10), "blocks.0"),
     "llama_hf": ("input_ids", (2, 32, 512), "model.model.layers.0"),
     "gpt2_hf": ("input_ids", (2, 32, 512), "model.transformer.h.0"),
+    "llama_style": ("input_ids", (2, 32, 512), "layers.0"),
 }
 
 
@@ -87,3 +88,22 @@ def test_llama_7b_meta_capture():
     (out,) = ep.graph.output_node().args[0]
     assert tuple(out.meta["val"].shape) == (1, 128, 32000)
     assert any(path.startswith("model.model.layers.31") for path in _module_paths(ep))
+
+
+def test_llama_style_cuts_like_hf_llama():
+    """The LLaMA-style example splits into the units HF LLaMA does: embedding, rotary
+    tables, one unit per layer (the residual stream and cos/sin cross every cut between
+    layers), norm, head; its attention shares key/value heads between query heads."""
+    from edgeplan.passes.annotate import annotate
+    from edgeplan.passes.capture import capture
+    from edgeplan.passes.units import group_units
+
+    model, inputs = load_example("llama_style").build(seq=16, batch=1)
+    assert model.layers[0].attn.k_proj.out_features == 2 * 32  # 2 kv heads of 32
+    units = group_units(annotate(capture(model, inputs)))
+    assert [u.name for u in units] == ["embed", "rotary", "layers.0", "layers.1", "layers.2",
+                                       "layers.3", "norm", "lm_head"]
+    residual, tables = 16 * 128 * 4, 2 * 16 * 32 * 4
+    assert [u.cut_bytes for u in units[1:6]] == [residual + tables] * 4 + [residual]
+    kinds = {m.kind for m in units[2].op_mix}
+    assert {"matmul", "attention", "elementwise", "reduce"} <= kinds and "norm" not in kinds
