@@ -9,15 +9,16 @@ One run, in order:
    (planner/layer_space.py) profiled unit by unit on this host's ONNX Runtime CPU with 1
    and 2 threads (`profile_units`: warm-up, repeats, quietest round's median, rounds
    retried while the reference workload ran slow), and the zoo models also run as every
-   pair of neighbours and split into 2 and 3 stages (stage records: what running units
-   together changes, the join model's data).
+   pair of neighbours and split into 2 and 3 stages, timed in the same rounds as their
+   units (stage records: what running units together changes, the join model's data).
 2. Held out (never in the store): HF GPT-2 and HF LLaMA built from configs
    (examples/gpt2_hf.py, examples/llama_hf.py) and a MobileNet-v1-style CNN defined here
    (ReLU6, its own widths and resolutions; the zoo's CNNs are ResNets and two Hardswish /
    ReLU separable chains), each at two sizes. Measured per unit, and per
-   stage for splits into 1 to 4 stages balanced on the learned prediction, every stage
-   exported as one ONNX file and timed exactly like the training data (same threads,
-   same session settings, same statistics).
+   stage for splits into 1 to 4 stages balanced on the learned prediction (a one-unit
+   stage is its unit), every stage exported as one ONNX file and timed exactly like the
+   training data (same threads, same session settings, same statistics) in the same
+   rounds as the model's units.
 3. The noise floor: the held-out units timed once more after everything else, median
    |run 1 / run 2 - 1|; no predictor can be judged below it.
 4. The table: median |error| and share within +-10 % of roofline (the `host` device
@@ -76,6 +77,7 @@ from edgeplan.planner.profile import (  # noqa: E402
     ProfileStore,
     fastest_reference_of,
     profile_units,
+    unit_features,
 )
 
 EXAMPLES = ROOT / "examples"
@@ -202,23 +204,21 @@ class Profiler:
         self(model, inputs, name="calibration", progress=progress_line("calibration"))
 
 
+def unit_count(model, inputs) -> int:
+    return len(group_units(annotate(capture(model, inputs))))
+
+
 def build_store(path: Path, samples: int, profile: Profiler) -> None:
     path.unlink(missing_ok=True)
     store = ProfileStore(path)
     for label, model, inputs in zoo_models():
-        records = profile(model, inputs, name=label,
-                                progress=progress_line(label))
-        store.append(records)
-        # Stages of the zoo models too, so the predictor sees what running units together
-        # changes: every pair of neighbours (two splits) and splits into 2 and 3 stages.
-        count = len({r.unit_index for r in records})
-        splits = {"pairs": [i // 2 for i in range(count)],
-                  "pairs shifted": [(i + 1) // 2 for i in range(count)]}
-        splits.update({f"{stages} stages": balanced_split(np.ones(count), stages)
-                       for stages in (2, 3) if count >= stages})
-        for split_name, stage_of_unit in splits.items():
-            store.append(profile(model, inputs, name=label, stage_of_unit=stage_of_unit,
-                                 progress=progress_line(f"{label} {split_name}")))
+        # The units alone, and stages of them timed in the same rounds, so the predictor
+        # sees what running units together changes measured at the same moments: every
+        # pair of neighbours (two splits) and splits into 2 and 3 stages.
+        count = unit_count(model, inputs)
+        splits = [list(range(count)), [i // 2 for i in range(count)], [(i + 1) // 2 for i in range(count)]]
+        splits += [balanced_split(np.ones(count), stages) for stages in (2, 3) if count >= stages]
+        store.append(profile(model, inputs, name=label, splits=splits, progress=progress_line(label)))
     for name, model, inputs, _ in layer_space(samples=samples, seed=0):
         store.append(profile(model, inputs, name=name,
                                    progress=progress_line(name)))
@@ -239,27 +239,52 @@ def balanced_split(times: np.ndarray, stages: int) -> list[int]:
     return [s for s in range(stages) for _ in range(bounds[s + 1] - bounds[s])]
 
 
+def held_out_splits(predictor: Predictor, unit_features) -> list[list[int]]:
+    """Splits of a held-out model into 1 to 4 stages balanced on the learned cpu1
+    prediction of its units (`unit_features`, in order)."""
+    per_unit = predictor.models[("host", "cpu1")].predict_many(unit_features)
+    return [balanced_split(per_unit, count) for count in range(1, min(4, len(per_unit)) + 1)]
+
+
+def stage_names(split, unit_names) -> list[str]:
+    """The record name (`unit` field) of every stage of a split."""
+    names = []
+    for stage in range(split[-1] + 1):
+        inside = [name for name, s in zip(unit_names, split) if s == stage]
+        names.append(inside[0] if len(inside) == 1 else f"{inside[0]}..{inside[-1]}")
+    return names
+
+
 def measure_held_out(predictor: Predictor, profile: Profiler):
-    """Unit records and stage records (1..4 stages) of every held-out model, and its units
-    timed a second time after all of that (the run-to-run noise floor)."""
-    units, stages, again = [], [], []
-    built = []
-    cpu1 = predictor.models[("host", "cpu1")]
+    """Every held-out model's units and its stages (1..4 stages), timed in the same rounds,
+    and its units timed a second time after all models (the run-to-run noise floor)."""
+    measured, built = [], []
     for name, build in held_out_models():
         model, inputs = build()
         built.append((name, model, inputs))
-        unit_records = profile(model, inputs, name=name,
-                                     progress=progress_line(f"{name} units"))
-        units += unit_records
-        per_unit = np.array([cpu1.predict(r.features) for r in unit_records if r.backend == "cpu1"])
-        for count in range(1, min(4, len(per_unit)) + 1):
-            split = balanced_split(per_unit, count)
-            stages += profile(model, inputs, name=f"{name}-stages",
-                                    stage_of_unit=split,
-                                    progress=progress_line(f"{name} {count} stage(s)"))
+        features = [unit_features(u) for u in group_units(annotate(capture(model, inputs)))]
+        splits = [list(range(len(features)))] + held_out_splits(predictor, features)
+        measured += profile(model, inputs, name=name, splits=splits, progress=progress_line(name))
     for name, model, inputs in built:
-        again += profile(model, inputs, name=f"{name}-repeat",
-                               progress=progress_line(f"{name} units again"))
+        measured += profile(model, inputs, name=f"{name}-repeat",
+                            progress=progress_line(f"{name} units again"))
+    return measured
+
+
+def split_records(predictor: Predictor, measured):
+    """(units, stages, again) of the held-out records: stages are every stage of the
+    splits measure_held_out timed, a one-unit stage being its unit's record."""
+    units = [r for r in measured if not r.parts and not r.model.endswith("-repeat")]
+    again = [r for r in measured if r.model.endswith("-repeat")]
+    by_name = {(r.model, r.unit, r.backend): r for r in measured}
+    stages = []
+    for model in dict.fromkeys(r.model for r in units):
+        rows = sorted((r for r in units if r.model == model and r.backend == "cpu1"),
+                      key=lambda r: r.unit_index)
+        names = [r.unit for r in rows]
+        for split in held_out_splits(predictor, [r.features for r in rows]):
+            for stage in stage_names(split, names):
+                stages += [by_name[(model, stage, backend)] for backend in BACKENDS]
     return units, stages, again
 
 
@@ -299,7 +324,7 @@ def from_measured_units(model, stage_records, unit_records, joins: bool = False)
         by_model.setdefault((r.model, r.backend), []).append(r)
     out = []
     for stage in stage_records:
-        rows = by_model[(stage.model.removesuffix("-stages"), stage.backend)]
+        rows = by_model[(stage.model, stage.backend)]
         names = [r.unit for r in rows]
         first, _, last = stage.unit.partition("..")
         inside = rows[names.index(first): names.index(last or first) + 1]
@@ -392,12 +417,9 @@ def main(argv=None) -> int:
             except EdgeplanError:
                 previous = []  # written by an older bench: nothing to compare with
         held_out.path.unlink(missing_ok=True)
-        units, stages, again = measure_held_out(predictor, profile)
-        held_out.append(units + stages + again)
-        measured = units + stages + again
-    units = [r for r in measured if not r.parts and not r.model.endswith(("-stages", "-repeat"))]
-    stages = [r for r in measured if r.model.endswith("-stages")]
-    again = [r for r in measured if r.model.endswith("-repeat")]
+        measured = measure_held_out(predictor, profile)
+        held_out.append(measured)
+    units, stages, again = split_records(predictor, measured)
     print(f"load average after: {os.getloadavg()[0]:.2f}; store {len(store_records)} records "
           f"(profiled in {trained_s:.0f} s), held out {len(units)} unit and {len(stages)} stage "
           f"measurements", flush=True)

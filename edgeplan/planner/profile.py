@@ -414,7 +414,9 @@ def profile_units(model, example_inputs, *, threads: Sequence[int] = (1, 2), war
                   fastest_reference: Mapping[int, float] | None = None,
                   name: str | None = None,
                   progress: Progress | None = None,
-                  stage_of_unit: Sequence[int] | None = None, tvm: bool = False) -> list[UnitProfile]:
+                  stage_of_unit: Sequence[int] | None = None,
+                  splits: Sequence[Sequence[int]] | None = None,
+                  tvm: bool = False) -> list[UnitProfile]:
     """Measure every unit of `model` on backends cpu{t} of device "host" for t in `threads`.
 
     Returns one UnitProfile per (unit, backend), units in graph order and within a unit
@@ -428,6 +430,10 @@ def profile_units(model, example_inputs, *, threads: Sequence[int] = (1, 2), war
     With `stage_of_unit` (the stage index of every unit, as a plan assigns them), the
     stages are timed instead, each exported as one ONNX file like the compiler emits it:
     a stage of several units gives a stage-level record (summed features and "parts").
+    With `splits` (several such lists), the stages of all of them are timed in the same
+    rounds, each distinct stage once (in the order of first appearance): put the units alone
+    (`list(range(units))`) next to splits into pairs, and the difference between a stage
+    and its units is measured at the same moments of the machine instead of calls apart.
 
     With `tvm`, every unit (or stage) is also built as a TVM library for this host and
     timed with one thread, interleaved with the ONNX Runtime sessions: backend TVM_BACKEND
@@ -458,17 +464,24 @@ def profile_units(model, example_inputs, *, threads: Sequence[int] = (1, 2), war
         raise EdgeplanError("profile: the model's weights are on the meta device, so there is "
                             "nothing to run; build it with real weights (device='cpu')")
     units = group_units(gm, "block")
-    if stage_of_unit is None:
-        stage_of_unit = list(range(len(units)))
-    stage_of_unit = [int(s) for s in stage_of_unit]
-    if len(stage_of_unit) != len(units) or stage_of_unit != sorted(stage_of_unit) or any(
-            b - a > 1 for a, b in zip([-1, *stage_of_unit], stage_of_unit)):
-        raise EdgeplanError(f"profile: stage_of_unit must give each of the {len(units)} units a "
-                            f"stage index, starting at 0 and growing by 0 or 1, got {stage_of_unit}")
-    groups = [[u for u in units if stage_of_unit[u.index] == s] for s in range(stage_of_unit[-1] + 1)]
-    stage_graphs = split_stages(gm, stage_of_unit)
+    if stage_of_unit is not None and splits is not None:
+        raise EdgeplanError("profile: give stage_of_unit (one split) or splits (several), not both")
+    if splits is None:
+        splits = [list(range(len(units))) if stage_of_unit is None else stage_of_unit]
+    if not splits:
+        raise EdgeplanError("profile: splits is empty; give at least one stage_of_unit list")
+    # (split, stage index in it, its units) of every distinct stage, first appearance first
+    stages: list[tuple[list[int], int, list]] = []
+    seen_spans = set()
+    for split in splits:
+        split = _checked_split(split, len(units))
+        for index in range(split[-1] + 1):
+            group = [u for u in units if split[u.index] == index]
+            if (group[0].index, group[-1].index) not in seen_spans:
+                seen_spans.add((group[0].index, group[-1].index))
+                stages.append((split, index, group))
     env = bind_inputs(signature, example_inputs)
-    total = len(groups) * (2 if tvm else 1) + rounds
+    total = len(stages) * (2 if tvm else 1) + rounds
     done = 0
 
     def step(label: str) -> None:
@@ -485,11 +498,17 @@ def profile_units(model, example_inputs, *, threads: Sequence[int] = (1, 2), war
     records: list[UnitProfile] = []
     with tempfile.TemporaryDirectory(prefix="edgeplan-profile-") as tmp:
         exported = []
-        for index, (group, (stage_graph, args)) in enumerate(zip(groups, run_stages(stage_graphs, env))):
-            artifact = target.emit(stage_graph, index, args, Path(tmp))
-            feeds = {n: a.detach().cpu().numpy() for n, a in zip(stage_graph.inputs, args)}
-            exported.append((index, group, Path(tmp) / artifact.path, feeds))
-            step(f"export {_group_name(group)}")
+        for number, split in enumerate(dict.fromkeys(tuple(split) for split, _, _ in stages)):
+            wanted = {index: group for used, index, group in stages if tuple(used) == split}
+            folder = Path(tmp) / f"split{number}"  # emit names files by stage index
+            folder.mkdir()
+            for index, (stage_graph, args) in enumerate(run_stages(split_stages(gm, list(split)), env)):
+                if index not in wanted:
+                    continue
+                artifact = target.emit(stage_graph, index, args, folder)
+                feeds = {n: a.detach().cpu().numpy() for n, a in zip(stage_graph.inputs, args)}
+                exported.append((index, wanted[index], folder / artifact.path, feeds))
+                step(f"export {_group_name(wanted[index])}")
 
         # keys: (unit or stage index, its units, backend, threads the timing uses)
         runs, keys = [], []
@@ -580,8 +599,18 @@ def profile_units(model, example_inputs, *, threads: Sequence[int] = (1, 2), war
                 parts=parts if len(parts) > 1 else (),
                 reference_s=float(np.median(reference_rounds[t])), quiet_s=quiet))
     order = [backend_name(t) for t in threads] + [TVM_BACKEND]
-    records.sort(key=lambda r: (r.unit_index, order.index(r.backend)))
+    position = {_group_name(group): i for i, (_, _, group) in enumerate(stages)}
+    records.sort(key=lambda r: (position[r.unit], order.index(r.backend)))
     return records
+
+
+def _checked_split(stage_of_unit: Sequence[int], count: int) -> list[int]:
+    split = [int(s) for s in stage_of_unit]
+    if len(split) != count or split != sorted(split) or any(
+            b - a > 1 for a, b in zip([-1, *split], split)):
+        raise EdgeplanError(f"profile: stage_of_unit must give each of the {count} units a "
+                            f"stage index, starting at 0 and growing by 0 or 1, got {list(stage_of_unit)}")
+    return split
 
 
 class _TvmRunner:

@@ -376,6 +376,20 @@ def test_profile_stages_gives_stage_records():
         assert record.features["flops"] == sum(p["flops"] for p in record.parts)
     with pytest.raises(EdgeplanError, match="stage_of_unit"):
         profile_units(model, inputs, threads=(1,), repeats=1, stage_of_unit=[0, 2, 2, 2, 2, 2])
+    # several splits in the same rounds: every distinct stage once, first appearance first
+    units, pairs, halves = list(range(6)), [i // 2 for i in range(6)], [0] * 3 + [1] * 3
+    records = profile_units(model, inputs, threads=(1, 2), repeats=2, splits=[units, pairs, halves, units])
+    names = ["tok_emb", "pos_emb", "blocks.0", "blocks.1", "ln_f", "head", "tok_emb..pos_emb",
+             "blocks.0..blocks.1", "ln_f..head", "tok_emb..blocks.0", "blocks.1..head"]
+    assert [r.unit for r in records] == [n for n in names for _ in ("cpu1", "cpu2")]
+    assert [r.backend for r in records[:2]] == ["cpu1", "cpu2"]
+    by_name = {r.unit: r for r in records if r.backend == "cpu1"}
+    assert not by_name["blocks.0"].parts and len(by_name["blocks.0..blocks.1"].parts) == 2
+    assert by_name["blocks.0..blocks.1"].parts[0] == by_name["blocks.0"].features
+    # one round's reference for all of them: they were timed together
+    assert len({r.reference_s for r in records if r.backend == "cpu1"}) == 1
+    with pytest.raises(EdgeplanError, match="not both"):
+        profile_units(model, inputs, threads=(1,), stage_of_unit=units, splits=[units])
 
 
 @pytest.fixture

@@ -212,7 +212,7 @@ def test_corrupt_line_names_file_and_line(profiled, tmp_path):
 
 
 def test_unit_sum_matches_whole_model(tiny, profiled, tmp_path):
-    """Sum of single-thread unit medians vs the whole model compiled as one ONNX stage.
+    """Sum of single-thread unit times vs the whole model compiled as one ONNX stage.
 
     Compared with the stage's busy time inside `Pipeline.run` (the session run itself):
     the run's wall time also pays a fixed ~0.5 ms for starting the pipeline's threads,
@@ -220,7 +220,9 @@ def test_unit_sum_matches_whole_model(tiny, profiled, tmp_path):
     """
     model, inputs = tiny
     records, _ = profiled
-    unit_sum = sum(r.median_s for r in records if r.backend == "cpu1")
+    # Quiet figures on both sides (the units' quietest round, the fastest of 15 runs): a
+    # slow spell of this shared VM during one side once put the ratio past 3.
+    unit_sum = sum(r.time_s for r in records if r.backend == "cpu1")
     edgeplan.compile(model, inputs, fleet="pi-cluster", out_dir=tmp_path, num_stages=1)
     pipe = edgeplan.runtime.load(tmp_path, threads_per_stage=1)
     feeds = {name: value.numpy() for name, value in inputs.items()}
@@ -231,9 +233,9 @@ def test_unit_sum_matches_whole_model(tiny, profiled, tmp_path):
         pipe.run(feeds)
         stage.append(pipe.last_stats.stage_mean_s[0])
         wall.append(pipe.last_stats.wall_s)
-    whole, whole_wall = statistics.median(stage), statistics.median(wall)
+    whole, whole_wall = min(stage), statistics.median(wall)
     ratio = unit_sum / whole
-    print(f"\nsum of unit medians {unit_sum * 1e3:.3f} ms; whole-model stage {whole * 1e3:.3f} ms "
+    print(f"\nsum of unit times {unit_sum * 1e3:.3f} ms; whole-model stage {whole * 1e3:.3f} ms "
           f"(ratio {ratio:.2f}); Pipeline.run wall {whole_wall * 1e3:.3f} ms "
           f"(ratio {unit_sum / whole_wall:.2f})")
     assert 1 / 3 <= ratio <= 3
