@@ -212,6 +212,13 @@ def _conv(rng, max_mflops):
         kernel = rng.choice([1, 3, 3, 5, 7])
         stride = rng.choice([1, 1, 2])
         depthwise = rng.random() < 0.25
+        if not depthwise and rng.random() < 0.2:
+            # An image stem: 3 input channels at a CNN's input resolution, strided. ORT
+            # runs it several times slower per FLOP than the convs after it (held-out
+            # stems: 38-42 GFLOP/s, a 1x1 conv of 8.4 MFLOP: 80), and no other sample
+            # reads 3 channels.
+            c_in, c_out = 3, _log_uniform(rng, 8, 64, 8)
+            size, kernel, stride = _log_uniform(rng, 32, 160), rng.choice([3, 3, 5, 7]), 2
         if depthwise:
             c_out = c_in
         groups = c_in if depthwise else 1

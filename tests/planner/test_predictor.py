@@ -353,11 +353,19 @@ def test_layer_space_gives_one_unit_per_sampled_layer():
                 assert expected in {m.kind for m in unit.op_mix}, (description, unit.op_mix)
         seen.append(family)
     assert tuple(seen) == FAMILIES
-    # conv channel counts are multiples of 8, as in real CNNs
-    for name, bank, _, descriptions in layer_space(samples=8, seed=2, families=("conv", "separable_block")):
+    # conv channel counts are multiples of 8, as in real CNNs, except image stems' 3 inputs
+    stems = 0
+    for name, bank, _, descriptions in layer_space(samples=16, seed=2, families=("conv", "separable_block")):
         for layer, description in zip(bank.layers, descriptions):
             convs = [m for m in layer.modules() if isinstance(m, torch.nn.Conv2d)]
-            assert convs and all(c.in_channels % 8 == 0 and c.out_channels % 8 == 0 for c in convs), description
+            assert convs and all(c.out_channels % 8 == 0 for c in convs), description
+            for conv in convs:
+                if conv.in_channels == 3:
+                    stems += 1
+                    assert conv.stride == (2, 2) and conv.groups == 1, description
+                else:
+                    assert conv.in_channels % 8 == 0, description
+    assert stems >= 1
     again = [d for _, _, _, d in layer_space(samples=3, seed=1)]
     assert again == [d for _, _, _, d in layer_space(samples=3, seed=1)]  # seeded
     with pytest.raises(ValueError, match="unknown"):
