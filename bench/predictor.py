@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import random
 import statistics
@@ -257,33 +258,34 @@ def stage_names(split, unit_names) -> list[str]:
 
 def measure_held_out(predictor: Predictor, profile: Profiler):
     """Every held-out model's units and its stages (1..4 stages), timed in the same rounds,
-    and its units timed a second time after all models (the run-to-run noise floor)."""
-    measured, built = [], []
+    and its units timed a second time after all models (the run-to-run noise floor); and
+    the splits timed, per model."""
+    measured, built, splits_of = [], [], {}
     for name, build in held_out_models():
         model, inputs = build()
         built.append((name, model, inputs))
         features = [unit_features(u) for u in group_units(annotate(capture(model, inputs)))]
-        splits = [list(range(len(features)))] + held_out_splits(predictor, features)
+        splits_of[name] = held_out_splits(predictor, features)
+        splits = [list(range(len(features)))] + splits_of[name]
         measured += profile(model, inputs, name=name, splits=splits, progress=progress_line(name))
     for name, model, inputs in built:
         measured += profile(model, inputs, name=f"{name}-repeat",
                             progress=progress_line(f"{name} units again"))
-    return measured
+    return measured, splits_of
 
 
-def split_records(predictor: Predictor, measured):
+def split_records(measured, splits_of: dict[str, list[list[int]]]):
     """(units, stages, again) of the held-out records: stages are every stage of the
-    splits measure_held_out timed, a one-unit stage being its unit's record."""
+    splits timed (`splits_of`: model -> splits), a one-unit stage being its unit's record."""
     units = [r for r in measured if not r.parts and not r.model.endswith("-repeat")]
     again = [r for r in measured if r.model.endswith("-repeat")]
     by_name = {(r.model, r.unit, r.backend): r for r in measured}
     stages = []
-    for model in dict.fromkeys(r.model for r in units):
+    for model, splits in splits_of.items():
         rows = sorted((r for r in units if r.model == model and r.backend == "cpu1"),
                       key=lambda r: r.unit_index)
-        names = [r.unit for r in rows]
-        for split in held_out_splits(predictor, [r.features for r in rows]):
-            for stage in stage_names(split, names):
+        for split in splits:
+            for stage in stage_names(split, [r.unit for r in rows]):
                 stages += [by_name[(model, stage, backend)] for backend in BACKENDS]
     return units, stages, again
 
@@ -407,9 +409,13 @@ def main(argv=None) -> int:
     predictor = Predictor.fit(store_records)
     trained_s = time.perf_counter() - started
     held_out = ProfileStore(args.store.with_name(args.store.stem + "_heldout.jsonl"))
+    # The splits the held-out stages were timed in: balanced on the predictor of the run
+    # that measured them, which a refit predictor (--reuse-store) need not reproduce.
+    splits_path = args.store.with_name(args.store.stem + "_heldout_splits.json")
     previous = []  # the previous run's held-out records: the noise floor across runs
-    if args.reuse_store and held_out.path.is_file():
+    if args.reuse_store and held_out.path.is_file() and splits_path.is_file():
         measured = held_out.load()
+        splits_of = json.loads(splits_path.read_text())
     else:
         if held_out.path.is_file():
             try:
@@ -417,9 +423,10 @@ def main(argv=None) -> int:
             except EdgeplanError:
                 previous = []  # written by an older bench: nothing to compare with
         held_out.path.unlink(missing_ok=True)
-        measured = measure_held_out(predictor, profile)
+        measured, splits_of = measure_held_out(predictor, profile)
         held_out.append(measured)
-    units, stages, again = split_records(predictor, measured)
+        splits_path.write_text(json.dumps(splits_of))
+    units, stages, again = split_records(measured, splits_of)
     print(f"load average after: {os.getloadavg()[0]:.2f}; store {len(store_records)} records "
           f"(profiled in {trained_s:.0f} s), held out {len(units)} unit and {len(stages)} stage "
           f"measurements", flush=True)
