@@ -205,8 +205,9 @@ class Profiler:
         self(model, inputs, name="calibration", progress=progress_line("calibration"))
 
 
-def unit_count(model, inputs) -> int:
-    return len(group_units(annotate(capture(model, inputs))))
+def units_of(model, inputs):
+    """The model's units, as profile_units groups them."""
+    return group_units(annotate(capture(model, inputs)))
 
 
 def build_store(path: Path, samples: int, profile: Profiler) -> None:
@@ -216,7 +217,7 @@ def build_store(path: Path, samples: int, profile: Profiler) -> None:
         # The units alone, and stages of them timed in the same rounds, so the predictor
         # sees what running units together changes measured at the same moments: every
         # pair of neighbours (two splits) and splits into 2 and 3 stages.
-        count = unit_count(model, inputs)
+        count = len(units_of(model, inputs))
         splits = [list(range(count)), [i // 2 for i in range(count)], [(i + 1) // 2 for i in range(count)]]
         splits += [balanced_split(np.ones(count), stages) for stages in (2, 3) if count >= stages]
         store.append(profile(model, inputs, name=label, splits=splits, progress=progress_line(label)))
@@ -264,7 +265,7 @@ def measure_held_out(predictor: Predictor, profile: Profiler):
     for name, build in held_out_models():
         model, inputs = build()
         built.append((name, model, inputs))
-        features = [unit_features(u) for u in group_units(annotate(capture(model, inputs)))]
+        features = [unit_features(u) for u in units_of(model, inputs)]
         splits_of[name] = held_out_splits(predictor, features)
         splits = [list(range(len(features)))] + splits_of[name]
         measured += profile(model, inputs, name=name, splits=splits, progress=progress_line(name))
