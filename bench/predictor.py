@@ -78,6 +78,7 @@ from edgeplan.planner.profile import (  # noqa: E402
     ProfileStore,
     fastest_reference_of,
     profile_units,
+    stage_label,
     unit_features,
 )
 
@@ -253,7 +254,7 @@ def stage_names(split, unit_names) -> list[str]:
     names = []
     for stage in range(split[-1] + 1):
         inside = [name for name, s in zip(unit_names, split) if s == stage]
-        names.append(inside[0] if len(inside) == 1 else f"{inside[0]}..{inside[-1]}")
+        names.append(stage_label(inside))
     return names
 
 

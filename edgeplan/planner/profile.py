@@ -642,8 +642,14 @@ def _tvm_runner(path: Path, index: int, onnx_session, feeds: dict) -> _TvmRunner
     return _TvmRunner(TvmStageSession(path.parent, entry, threads=1))
 
 
+def stage_label(names: Sequence[str]) -> str:
+    """A record's `unit` field for consecutive units run as one stage: the unit's name, or
+    "first..last"."""
+    return names[0] if len(names) == 1 else f"{names[0]}..{names[-1]}"
+
+
 def _group_name(units) -> str:
-    return units[0].name if len(units) == 1 else f"{units[0].name}..{units[-1].name}"
+    return stage_label([unit.name for unit in units])
 
 
 def combine_features(parts: Sequence[dict[str, float]]) -> dict[str, float]:
@@ -702,7 +708,7 @@ def records_from_run(directory: str | Path, known: Iterable[UnitProfile] = ()) -
         for stage, seconds in zip(plan.stages, times):
             parts = tuple(dict(plan.units[u].features) for u in range(stage.unit_start, stage.unit_end))
             units = plan.units[stage.unit_start:stage.unit_end]
-            label = units[0].name if len(units) == 1 else f"{units[0].name}..{units[-1].name}"
+            label = _group_name(units)
             if (plan.model, label, stamp) in seen:
                 continue
             if run.get("remote"):
