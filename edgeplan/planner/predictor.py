@@ -30,9 +30,12 @@ FLOPs per byte, and each op kind's share of the unit's additive time; standardiz
 a unit is predicted as additive * exp(w * r), r the distance-weighted mean residual of its
 nearest training units, shrunk towards 0 as the unit lies farther from them than
 training units lie from each other. The neighbour count, the weight of the kind shares
-in the distance and w are chosen by leave-one-model-out error on the training units: each
-unit predicted from the units of other models only, as a model never profiled will be
-(w = 0 where other models' residuals do not predict a model's units). Interpolation
+in the distance and w are chosen by leave-one-family-out error on the training units: each
+unit predicted from the units of other model families only, as a model never profiled
+will be (w = 0 where other families' residuals do not predict a family's units). A
+family is a model name up to its first "-<digit>" (`model_family`): the sizes of one
+model ("gpt-2-128-4", "gpt-2-256-4") share their code, so a residual that carries over
+from one size to the next says little about another implementation of the same layers. Interpolation
 between profiled sizes gets sharper, and far from every profiled unit the prediction
 stays the additive law.
 
@@ -53,7 +56,9 @@ LayerNorm bytes of the unit after the cut if that unit holds pointwise ops only;
 coefficients), fitted on the store's stage records whose units were timed alone too: each
 gives measured stage - (sum of its units' measured times - (parts - 1) * c_run) = sum of
 its cuts' joins. It is kept only where it predicts the stages of models left out of its
-fit better than no join does (leave-one-model-out), and a join never saves more than the
+fit better than no join does (leave-one-model-out, not family: what a cut changes is a
+mechanism, a fusion or a layout, that one family alone may show, and leaving that family
+out would ask the fit for a mechanism it never saw), and a join never saves more than the
 smaller neighbour costs. `predict_stage(parts)` = sum of the parts' predictions
 - (parts - 1) * c_run + the joins of its cuts; the cost tables carry the joins as
 `join_s` for the solvers.
@@ -67,6 +72,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -86,7 +92,7 @@ MIN_FIT_RECORDS = 3 * len(BASIS)
 # Weight of the pull towards the source model per coefficient, in squared relative errors of
 # one sample: (sigma / tau)^2 for ~10 % sample error and ~50 % spread of a coefficient
 ADAPT_RIDGE = 0.04
-# The residual model: neighbours averaged (before leave-one-model-out picks), and how far (in
+# The residual model: neighbours averaged (before leave-one-family-out picks), and how far (in
 # multiples of the training units' median nearest-neighbour distance) a unit may lie
 # before its residual is halved.
 RESIDUAL_NEIGHBORS = 4
@@ -98,6 +104,7 @@ JOIN_BASIS = ("cut", "nchw_bytes", "other_bytes", "weight_bytes", "layernorm_byt
 HEAVY_KINDS = ("matmul", "conv", "depthwise", "attention", "embedding")
 MIN_JOIN_RECORDS = 8
 JOIN_RIDGE = 1e-3
+_FAMILY_END = re.compile(r"-\d")
 
 
 class PredictorError(EdgeplanError):
@@ -120,6 +127,12 @@ def join_features(before: dict[str, float], after: dict[str, float]) -> np.ndarr
     return np.array([1.0, nchw, float(before.get("cut_bytes", 0.0)) - nchw,
                      float(before.get("param_bytes", 0.0)) + float(after.get("param_bytes", 0.0)),
                      layernorm])
+
+
+def model_family(model: str) -> str:
+    """A store record's model name up to its first "-<digit>" (where its size begins):
+    "gpt-2-128-4-512" -> "gpt", "resnet-32-2" -> "resnet", "layers-conv" -> "layers-conv"."""
+    return _FAMILY_END.split(model, maxsplit=1)[0]
 
 
 def kinds_of(features: dict[str, float]) -> frozenset[str]:
@@ -194,9 +207,9 @@ class ResidualModel:
     """Distance-weighted nearest-neighbour residuals in standardized feature space.
 
     `neighbors` and `weight` (how much of the local residual to apply, 0 = additive law
-    only) are chosen by leave-one-model-out error on the training units, so the residual
-    model is used as far as it predicts models it has not seen, and not at all where it
-    does not.
+    only) are chosen by leave-one-family-out error on the training units, so the residual
+    model is used as far as it predicts model families it has not seen, and not at all
+    where it does not.
     """
 
     coef: np.ndarray        # the additive law's coefficients (for the kind shares)
@@ -213,8 +226,8 @@ class ResidualModel:
             residuals: np.ndarray, groups: Sequence[str] | None = None) -> ResidualModel | None:
         """None with fewer than 2 * RESIDUAL_NEIGHBORS points (too few to say anything local).
 
-        Leave-one-group-out (`groups`: the model each unit comes from; default: each unit
-        its own group) picks how much the kind shares count next to the size (0: size
+        Leave-one-group-out (`groups`: the model family each unit comes from; default: each
+        unit its own group) picks how much the kind shares count next to the size (0: size
         only), the neighbour count and the weight of the residual: each unit is predicted
         from the units of other models only, as a model never profiled will be.
         """
@@ -427,7 +440,7 @@ def fit_model(records: Sequence[UnitProfile], device: str, backend: str) -> Late
     keep = additive > 0
     residual = ResidualModel.fit(coef, [r.features for r, k in zip(units, keep) if k],
                                  np.log(np.array([r.time_s for r in units])[keep] / additive[keep]),
-                                 groups=[r.model for r, k in zip(units, keep) if k])
+                                 groups=[model_family(r.model) for r, k in zip(units, keep) if k])
     join_coef = fit_joins(usable, model.run_overhead_s)
     return _remember(dataclasses.replace(model, residual=residual, join_coef=join_coef), usable)
 
@@ -573,6 +586,7 @@ __all__ = [
     "fit_model",
     "join_features",
     "learned_cost_model",
+    "model_family",
     "nnls",
     "residual_features",
 ]

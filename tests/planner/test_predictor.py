@@ -32,6 +32,7 @@ from edgeplan.planner.predictor import (
     fit_joins,
     fit_model,
     join_features,
+    model_family,
     nnls,
 )
 from edgeplan.planner.profile import (
@@ -239,6 +240,19 @@ def test_residual_model_needs_a_few_units_and_other_models():
     residual = fit_model(one_model, "host", "cpu1").residual
     assert residual is not None and residual.weight == 0.0
     assert np.all(residual.predict([r.features for r in one_model[:5]]) == 0.0)
+    # sizes of one family ("only-1", "only-2", ...) do not vouch for each other either
+    one_family = [UnitProfile(**{**r.__dict__, "model": f"only-{i % 40}-{i % 3}"})
+                  for i, r in enumerate(size_dependent_records(200, seed=13))]
+    assert fit_model(one_family, "host", "cpu1").residual.weight == 0.0
+
+
+def test_model_family_is_the_name_before_its_size():
+    assert model_family("gpt-2-128-4-512-32-2") == "gpt"
+    assert model_family("llama_style-1-384-6-3") == "llama_style"
+    assert model_family("sepchain-160-k3-80") == "sepchain"
+    assert model_family("layers-conv") == "layers-conv"
+    assert model_family("hf-gpt2-small") == "hf-gpt2-small"
+    assert model_family("resnet") == "resnet"
 
 
 def test_adaptation_improves_with_samples():
