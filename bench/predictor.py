@@ -1,6 +1,6 @@
 """Learned latency predictor vs roofline on models held out from training (issue 4).
 
-    .venv/bin/python bench/predictor.py [--samples 16] [--repeats 15] [--store bench/out/predictor_store.jsonl]
+    .venv/bin/python bench/predictor.py [--samples 24] [--repeats 15] [--store bench/out/predictor_store.jsonl]
 
 One run, in order:
 1. Training store: after one calibration profile (the machine's speed, discarded), the
@@ -277,19 +277,20 @@ def measure_held_out(predictor: Predictor, profile: Profiler):
 
 
 def split_records(measured, splits_of: dict[str, list[list[int]]]):
-    """(units, stages, again) of the held-out records: stages are every stage of the
-    splits timed (`splits_of`: model -> splits), a one-unit stage being its unit's record."""
+    """(units, stages, again) of the held-out records: stages are the distinct stages of
+    the splits timed (`splits_of`: model -> splits), a one-unit stage being its unit's
+    record; a stage in several splits counts once."""
     units = [r for r in measured if not r.parts and not r.model.endswith("-repeat")]
     again = [r for r in measured if r.model.endswith("-repeat")]
     by_name = {(r.model, r.unit, r.backend): r for r in measured}
-    stages = []
+    stages = {}
     for model, splits in splits_of.items():
         rows = sorted((r for r in units if r.model == model and r.backend == "cpu1"),
                       key=lambda r: r.unit_index)
         for split in splits:
             for stage in stage_names(split, [r.unit for r in rows]):
-                stages += [by_name[(model, stage, backend)] for backend in BACKENDS]
-    return units, stages, again
+                stages.update({(model, stage, b): by_name[(model, stage, b)] for b in BACKENDS})
+    return units, list(stages.values()), again
 
 
 def noise_floor(first, second) -> np.ndarray:
@@ -393,7 +394,7 @@ def predictor_cost(predictor: Predictor, units_records) -> tuple[float, float, i
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--samples", type=int, default=16, help="layer-space samples per family")
+    parser.add_argument("--samples", type=int, default=24, help="layer-space samples per family")
     parser.add_argument("--repeats", type=int, default=15, help="timed runs per unit or stage")
     parser.add_argument("--store", type=Path, default=ROOT / "bench" / "out" / "predictor_store.jsonl")
     parser.add_argument("--reuse-store", action="store_true",
