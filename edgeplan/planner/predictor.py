@@ -23,21 +23,27 @@ pull towards the rescaled source (ADAPT_RIDGE), so a handful of samples moves th
 speed and more samples move individual op kinds.
 
 Size-dependent efficiency. The additive law has one rate per op kind, but a kernel's
-efficiency changes with its size (small matmuls run far below peak; caches matter), as
-nn-Meter found. A residual model corrects it: log(measured / additive) of every training
-unit is remembered at the unit's point in a feature space (log FLOPs, bytes, op count and
-FLOPs per byte, and each op kind's share of the unit's additive time; standardized), and
-a unit is predicted as additive * exp(w * r), r the distance-weighted mean residual of its
-nearest training units, shrunk towards 0 as the unit lies farther from them than
-training units lie from each other. The neighbour count, the weight of the kind shares
-in the distance and w are chosen by leave-one-family-out error on the training units: each
-unit predicted from the units of other model families only, as a model never profiled
-will be (w = 0 where other families' residuals do not predict a family's units). A
-family is a model name up to its first "-<digit>" (`model_family`): the sizes of one
-model ("gpt-2-128-4", "gpt-2-256-4") share their code, so a residual that carries over
-from one size to the next says little about another implementation of the same layers. Interpolation
-between profiled sizes gets sharper, and far from every profiled unit the prediction
-stays the additive law.
+efficiency changes with its size (small matmuls run far below peak, and worse on two
+threads, which a small op cannot keep busy; caches matter), as nn-Meter found. Two
+corrections. First, the law itself may bend: in the size-binned law a kind's FLOPs
+(matmul, conv, depthwise, attention) or bytes (elementwise, norm, reduce) are split over
+SIZE_KNOTS by the kind's mean op size in the unit (hat functions in log10 size), so each
+kind gets a rate per knot, interpolated between them, with the plain law the special
+case of equal rates. A backend uses it only where it predicts the units of a model
+family left out of the fit clearly better than the plain law (`choose_knots`). Second, a
+residual model: log(measured / additive) of every training unit is remembered at the
+unit's point in a feature space (log FLOPs, bytes, op count and FLOPs per byte, and each
+op kind's share of the unit's additive time; standardized), and a unit is predicted as
+additive * exp(w * r), r the distance-weighted mean residual of its nearest training
+units, shrunk towards 0 as the unit lies farther from them than training units lie from
+each other. The neighbour count, the weight of the kind shares in the distance and w are
+chosen by leave-one-family-out error on the training units: each unit predicted from the
+units of other model families only, as a model never profiled will be (w = 0 where other
+families' residuals do not predict a family's units). A family is a model name up to its
+first "-<digit>" (`model_family`): the sizes of one model ("gpt-2-128-4", "gpt-2-256-4")
+share their code, so a residual that carries over from one size to the next says little
+about another implementation of the same layers. Interpolation between profiled sizes
+gets sharper, and far from every profiled unit the prediction stays the additive law.
 
 Stages. One session run of a stage pays the per-run cost c_run once, not once per unit,
 and a stage is not the sum of its units run alone: ONNX Runtime keeps 4-D activations in
@@ -89,6 +95,16 @@ BASIS = ("runs",) + tuple(f"{kind}_{quantity}" for kind in PREDICTED_KINDS
                           for quantity in ("count", "flops", "bytes"))
 # An own fit needs a few records per coefficient; fewer means adapting a known backend.
 MIN_FIT_RECORDS = 3 * len(BASIS)
+# The size-binned law (module docstring): the quantity whose rate bends with an op's size,
+# per kind, and the knots of the rate's curve in log10 of a kind's mean op size (FLOPs or
+# bytes per op: 10 kFLOP .. 100 MFLOP, 10 kB in the L1 .. 100 MB past the last cache).
+SIZED_QUANTITY = {"matmul": "flops", "conv": "flops", "depthwise": "flops", "attention": "flops",
+                  "elementwise": "bytes", "norm": "bytes", "reduce": "bytes"}
+SIZE_KNOTS = (4.0, 6.0, 8.0)
+# The size-binned law's 14 extra coefficients must lower the held-out family error by this
+# share of it (a one-standard-error rule): on this host's 1-thread backend it won by 0.1-0.3
+# points of 17-19 % in three stores, within noise, and predicted held-out models worse.
+KNOTS_MARGIN = 0.05
 # Weight of the pull towards the source model per coefficient, in squared relative errors of
 # one sample: (sigma / tau)^2 for ~10 % sample error and ~50 % spread of a coefficient
 ADAPT_RIDGE = 0.04
@@ -111,9 +127,43 @@ class PredictorError(EdgeplanError):
     """The profile store cannot train a predictor (no records, unknown backend)."""
 
 
-def feature_vector(features: dict[str, float]) -> np.ndarray:
-    """The basis values of one record's or unit's features (one session run)."""
-    return np.array([1.0] + [float(features.get(name, 0.0)) for name in BASIS[1:]])
+def feature_vector(features: dict[str, float], knots: Sequence[float] = ()) -> np.ndarray:
+    """The basis values of one record's or unit's features (one session run): BASIS, or
+    with `knots` the size-binned basis, where a SIZED_QUANTITY column is split over the
+    knots by the kind's mean op size (linear in log10 between neighbouring knots), so the
+    split columns add up to the plain one."""
+    if not knots:
+        return np.array([1.0] + [float(features.get(name, 0.0)) for name in BASIS[1:]])
+    out = [1.0]
+    for kind in PREDICTED_KINDS:
+        count = float(features.get(f"{kind}_count", 0.0))
+        for quantity in ("count", "flops", "bytes"):
+            value = float(features.get(f"{kind}_{quantity}", 0.0))
+            if SIZED_QUANTITY.get(kind) != quantity:
+                out.append(value)
+            elif value > 0 and count > 0:
+                out.extend(value * _knot_weights(math.log10(value / count), knots))
+            else:
+                out.extend([0.0] * len(knots))
+    return np.array(out)
+
+
+def _knot_weights(x: float, knots: Sequence[float]) -> np.ndarray:
+    """Hat functions over the knots at x (clamped at the ends); they sum to 1."""
+    weights = np.zeros(len(knots))
+    if x <= knots[0] or x >= knots[-1]:
+        weights[0 if x <= knots[0] else -1] = 1.0
+        return weights
+    right = int(np.searchsorted(knots, x))
+    t = (x - knots[right - 1]) / (knots[right] - knots[right - 1])
+    weights[right - 1], weights[right] = 1.0 - t, t
+    return weights
+
+
+def _column_kinds(knots: Sequence[float]) -> np.ndarray:
+    """The index in PREDICTED_KINDS of each column of the basis after "runs"."""
+    return np.array([k for k, kind in enumerate(PREDICTED_KINDS) for quantity in ("count", "flops", "bytes")
+                     for _ in range(len(knots) if knots and SIZED_QUANTITY.get(kind) == quantity else 1)])
 
 
 def join_features(before: dict[str, float], after: dict[str, float]) -> np.ndarray:
@@ -190,14 +240,17 @@ def _relative_nnls(x: np.ndarray, y: np.ndarray, prior: np.ndarray | None = None
     return out
 
 
-def residual_features(features: dict[str, float], coef: np.ndarray) -> np.ndarray:
+def residual_features(features: dict[str, float], coef: np.ndarray,
+                      knots: Sequence[float] = ()) -> np.ndarray:
     """A unit's point in the residual model: its size (log FLOPs, bytes, ops, FLOPs per
-    byte) and what it is made of (each kind's share of its additive-law time)."""
+    byte) and what it is made of (each kind's share of its additive-law time; `coef` over
+    the basis of `knots`)."""
     values = feature_vector(features)[1:].reshape(len(PREDICTED_KINDS), 3)  # count, flops, bytes
     ops, flops, moved = values.sum(axis=0)
     size = [math.log1p(flops), math.log1p(moved), math.log1p(ops),
             math.log1p(flops / moved) if moved > 0 else 0.0]
-    per_kind = (values * coef[1:].reshape(len(PREDICTED_KINDS), 3)).sum(axis=1)
+    per_kind = np.bincount(_column_kinds(knots), weights=feature_vector(features, knots)[1:] * coef[1:],
+                           minlength=len(PREDICTED_KINDS))
     total = per_kind.sum()
     return np.concatenate([size, per_kind / total if total > 0 else per_kind])
 
@@ -220,10 +273,12 @@ class ResidualModel:
     reach: float            # distance to the nearest unit at which a residual is halved
     neighbors: int = RESIDUAL_NEIGHBORS
     weight: float = 1.0
+    knots: tuple[float, ...] = ()  # the basis of coef (feature_vector)
 
     @classmethod
     def fit(cls, coef: np.ndarray, features: Sequence[dict[str, float]],
-            residuals: np.ndarray, groups: Sequence[str] | None = None) -> ResidualModel | None:
+            residuals: np.ndarray, groups: Sequence[str] | None = None,
+            knots: Sequence[float] = ()) -> ResidualModel | None:
         """None with fewer than 2 * RESIDUAL_NEIGHBORS points (too few to say anything local).
 
         Leave-one-group-out (`groups`: the model family each unit comes from; default: each
@@ -233,7 +288,8 @@ class ResidualModel:
         """
         if len(features) < 2 * RESIDUAL_NEIGHBORS:
             return None
-        raw = np.array([residual_features(f, coef) for f in features])
+        knots = tuple(knots)
+        raw = np.array([residual_features(f, coef, knots) for f in features])
         residuals = np.asarray(residuals, dtype=float)
         center, spread = raw.mean(axis=0), raw.std(axis=0)
         spread[spread < 1e-9] = 1.0
@@ -252,7 +308,7 @@ class ResidualModel:
             nearest = distances.min(axis=1)
             positive = nearest[np.isfinite(nearest) & (nearest > 0)]
             reach = RESIDUAL_REACH * (float(np.median(positive)) if len(positive) else 1.0)
-            model = cls(coef, points, residuals, center, scale, reach)
+            model = cls(coef, points, residuals, center, scale, reach, knots=knots)
             for neighbors in (1, 2, 4, 8):
                 if neighbors > int(np.isfinite(distances).sum(axis=1).min()):
                     break
@@ -262,8 +318,7 @@ class ResidualModel:
                     if error < best_error:
                         best_error, best = error, (model, neighbors, weight)
         if best is None:
-            return dataclasses.replace(cls(coef, raw - center, residuals, center, 1.0 / spread, 1.0),
-                                       weight=0.0)
+            return cls(coef, raw - center, residuals, center, 1.0 / spread, 1.0, weight=0.0, knots=knots)
         model, neighbors, weight = best
         return dataclasses.replace(model, neighbors=neighbors, weight=weight)
 
@@ -280,7 +335,7 @@ class ResidualModel:
         """log correction factor of each unit."""
         if not len(features):
             return np.zeros(0)
-        queries = np.array([residual_features(f, self.coef) for f in features])
+        queries = np.array([residual_features(f, self.coef, self.knots) for f in features])
         distances = _distances((queries - self.center) * self.scale, self.points)
         return self.weight * self._local(distances, min(self.neighbors, self.points.shape[0]))
 
@@ -292,8 +347,9 @@ def _distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class LatencyModel:
-    """A fitted model of one (device, backend): coefficients over BASIS, the kinds it has
-    seen, and per-computation corrections from measurements (see module docstring)."""
+    """A fitted model of one (device, backend): coefficients over BASIS (or the size-binned
+    basis of `size_knots`), the kinds it has seen, and per-computation corrections from
+    measurements (see module docstring)."""
 
     device: str
     backend: str
@@ -304,6 +360,7 @@ class LatencyModel:
     source: str = ""  # "device/backend" it was adapted from; "" for an own fit
     residual: ResidualModel | None = None
     join_coef: np.ndarray | None = None  # over JOIN_BASIS; None: no join model (joins 0)
+    size_knots: tuple[float, ...] = ()  # () = the plain law over BASIS
 
     @property
     def run_overhead_s(self) -> float:
@@ -314,11 +371,11 @@ class LatencyModel:
         return kinds_of(features) <= self.kinds
 
     def additive(self, features: dict[str, float]) -> float:
-        return float(feature_vector(features) @ self.coef)
+        return float(feature_vector(features, self.size_knots) @ self.coef)
 
     def base_many(self, features: Sequence[dict[str, float]]) -> np.ndarray:
         """Additive law times the residual correction, before per-computation corrections."""
-        matrix = np.array([feature_vector(f) for f in features]).reshape(-1, len(BASIS))
+        matrix = np.array([feature_vector(f, self.size_knots) for f in features]).reshape(-1, len(self.coef))
         additive = matrix @ self.coef
         if self.residual is None:
             return additive
@@ -419,6 +476,27 @@ def _ridge(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return solved / norms
 
 
+def choose_knots(records: Sequence[UnitProfile]) -> tuple[float, ...]:
+    """SIZE_KNOTS where the size-binned law predicts the units of a model family left out
+    of its fit better than the plain law by KNOTS_MARGIN (median |predicted / measured - 1| over every
+    family's units, the figure the predictor is judged by: a mean lets a few units no law
+    fits decide), else () for the plain law; () with fewer than two families."""
+    labels = np.array([model_family(r.model) for r in records], dtype=object)
+    families = set(labels)
+    if len(families) < 2:
+        return ()
+    y = np.array([r.time_s for r in records])
+    errors = {}
+    for knots in ((), SIZE_KNOTS):
+        x = np.array([feature_vector(r.features, knots) for r in records])
+        held_out = np.empty(len(y))
+        for family in families:
+            inside = labels == family
+            held_out[inside] = x[inside] @ _relative_nnls(x[~inside], y[~inside])
+        errors[knots] = float(np.median(np.abs(held_out / y - 1.0)))
+    return SIZE_KNOTS if errors[SIZE_KNOTS] < (1.0 - KNOTS_MARGIN) * errors[()] else ()
+
+
 def fit_model(records: Sequence[UnitProfile], device: str, backend: str) -> LatencyModel:
     """Fit one backend's model on its records: the additive law and the residual model on
     unit records (on all records where too few units were timed alone), the join model on
@@ -429,18 +507,20 @@ def fit_model(records: Sequence[UnitProfile], device: str, backend: str) -> Late
                              f"profile it with `edgeplan profile MODEL --store FILE`")
     alone = [r for r in usable if not r.parts]
     law = alone if len(alone) >= MIN_FIT_RECORDS else usable
-    x = np.array([feature_vector(r.features) for r in law])
+    knots = choose_knots(law)
+    x = np.array([feature_vector(r.features, knots) for r in law])
     y = np.array([r.time_s for r in law])
     coef = _relative_nnls(x, y)
     kinds = frozenset().union(*(kinds_of(r.features) for r in usable))
-    model = LatencyModel(device, backend, coef, kinds, len(usable))
+    model = LatencyModel(device, backend, coef, kinds, len(usable), size_knots=knots)
     # Residuals of unit records only: a stage's summed features are no unit's point.
     units = [r for r in usable if not r.parts]
     additive = np.array([model.additive(r.features) for r in units])
     keep = additive > 0
     residual = ResidualModel.fit(coef, [r.features for r, k in zip(units, keep) if k],
                                  np.log(np.array([r.time_s for r in units])[keep] / additive[keep]),
-                                 groups=[model_family(r.model) for r, k in zip(units, keep) if k])
+                                 groups=[model_family(r.model) for r, k in zip(units, keep) if k],
+                                 knots=knots)
     join_coef = fit_joins(usable, model.run_overhead_s)
     return _remember(dataclasses.replace(model, residual=residual, join_coef=join_coef), usable)
 
@@ -458,7 +538,7 @@ def adapt(source: LatencyModel, samples: Sequence[UnitProfile], device: str, bac
     samples = [r for r in samples if r.time_s > 0]
     coef, scale = source.coef * prior_scale, prior_scale
     if samples:
-        x = np.array([feature_vector(r.features) for r in samples])
+        x = np.array([feature_vector(r.features, source.size_knots) for r in samples])
         # The part of each sample's time the additive law must explain.
         efficiency = np.array([
             source.base_many(parts).sum() / sum(source.additive(p) for p in parts)
@@ -468,7 +548,8 @@ def adapt(source: LatencyModel, samples: Sequence[UnitProfile], device: str, bac
         coef = _relative_nnls(x, y, prior=source.coef * scale, ridge=ridge)
     model = LatencyModel(device, backend, coef, source.kinds, len(samples),
                          source=f"{source.device}/{source.backend}", residual=source.residual,
-                         join_coef=None if source.join_coef is None else source.join_coef * scale)
+                         join_coef=None if source.join_coef is None else source.join_coef * scale,
+                         size_knots=source.size_knots)
     return _remember(model, samples)
 
 
@@ -579,8 +660,10 @@ __all__ = [
     "Predictor",
     "PredictorError",
     "RESIDUAL_NEIGHBORS",
+    "SIZE_KNOTS",
     "ResidualModel",
     "adapt",
+    "choose_knots",
     "feature_vector",
     "fit_joins",
     "fit_model",

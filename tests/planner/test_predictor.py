@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import random
 
 import numpy as np
@@ -16,6 +17,7 @@ from edgeplan.passes.annotate import annotate
 from edgeplan.passes.capture import capture
 from edgeplan.passes.records import COST_KEY
 from edgeplan.passes.units import group_units
+from edgeplan.planner import predictor as predictor_module
 from edgeplan.planner.cost import RooflineCostModel
 from edgeplan.planner.fleet import load_fleet
 from edgeplan.planner.layer_space import FAMILIES, layer_space
@@ -24,10 +26,12 @@ from edgeplan.planner.predictor import (
     JOIN_BASIS,
     MIN_FIT_RECORDS,
     PREDICTED_KINDS,
+    SIZE_KNOTS,
     LearnedCostModel,
     Predictor,
     PredictorError,
     adapt,
+    choose_knots,
     feature_vector,
     fit_joins,
     fit_model,
@@ -198,7 +202,48 @@ def size_dependent_records(count, seed, efficiency_knee=3e6):
         for i, r in enumerate(records)]
 
 
-def test_residual_model_follows_size_dependent_efficiency():
+def op_size_records(count, seed, families=8):
+    """TRUE_COEF's law with matmul's rate per FLOP bending with the mean matmul's size:
+    8x slower at 10 kFLOP per op, 2x at 1 MFLOP, 1x from 100 MFLOP (linear in log10
+    size between them), as small GEMMs run below peak; units of `families` model families."""
+    records = synthetic_records(count, seed, noise=0.02, kinds=("matmul", "elementwise"))
+    slow = []
+    for i, r in enumerate(records):
+        f = r.features
+        extra = 0.0
+        if f.get("matmul_count"):
+            size = math.log10(f["matmul_flops"] / f["matmul_count"])
+            extra = (np.interp(size, [4, 6, 8], [8.0, 2.0, 1.0]) - 1.0) * f["matmul_flops"] * TRUE_COEF[2]
+        seconds = r.median_s + extra
+        slow.append(UnitProfile(**{**r.__dict__, "model": f"family{i % families}-{i}",
+                                   "median_s": seconds, "p10_s": seconds, "p90_s": seconds}))
+    return slow
+
+
+def test_size_binned_law_is_chosen_where_op_size_bends_the_rate():
+    train, fresh = op_size_records(300, seed=41), op_size_records(200, seed=42)
+    assert choose_knots(train) == SIZE_KNOTS
+    model = fit_model(train, "host", "cpu1")
+    assert model.size_knots == SIZE_KNOTS
+    binned = dataclasses.replace(model, residual=None, corrections={})
+    plain_coef = fit_model([UnitProfile(**{**r.__dict__, "model": "one"}) for r in train],
+                           "host", "cpu1")
+    assert plain_coef.size_knots == ()  # one family: nothing to choose with
+    plain = dataclasses.replace(plain_coef, residual=None, corrections={})
+    binned_errors, plain_errors = (np.abs(relative_errors(m, fresh)) for m in (binned, plain))
+    assert np.median(binned_errors) < 0.5 * np.median(plain_errors)
+    assert np.mean(binned_errors <= 0.10) > np.mean(plain_errors <= 0.10) + 0.1
+    # split columns add up to the plain ones
+    features = fresh[0].features
+    assert feature_vector(features, SIZE_KNOTS).sum() == pytest.approx(feature_vector(features).sum())
+    # where the rate does not bend, the plain law's fewer coefficients win
+    assert choose_knots([UnitProfile(**{**r.__dict__, "model": f"family{i % 8}-{i}"})
+                         for i, r in enumerate(synthetic_records(300, seed=43))]) == ()
+
+
+def test_residual_model_follows_size_dependent_efficiency(monkeypatch):
+    # on the plain law: the size-binned one would take part of the bend itself
+    monkeypatch.setattr(predictor_module, "choose_knots", lambda records: ())
     train, fresh = size_dependent_records(400, seed=11), size_dependent_records(200, seed=12)
     model = fit_model(train, "host", "cpu1")
     assert model.residual is not None
