@@ -284,7 +284,7 @@ class ResidualModel:
         Leave-one-group-out (`groups`: the model family each unit comes from; default: each
         unit its own group) picks how much the kind shares count next to the size (0: size
         only), the neighbour count and the weight of the residual: each unit is predicted
-        from the units of other models only, as a model never profiled will be.
+        from the units of other groups only, as a model never profiled will be.
         """
         if len(features) < 2 * RESIDUAL_NEIGHBORS:
             return None
