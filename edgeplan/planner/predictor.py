@@ -77,6 +77,7 @@ unit; everything else is costed by the roofline and marked in `CostTables.guesse
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Iterable, Sequence
@@ -160,10 +161,14 @@ def _knot_weights(x: float, knots: Sequence[float]) -> np.ndarray:
     return weights
 
 
-def _column_kinds(knots: Sequence[float]) -> np.ndarray:
-    """The index in PREDICTED_KINDS of each column of the basis after "runs"."""
-    return np.array([k for k, kind in enumerate(PREDICTED_KINDS) for quantity in ("count", "flops", "bytes")
-                     for _ in range(len(knots) if knots and SIZED_QUANTITY.get(kind) == quantity else 1)])
+@functools.cache
+def _column_kinds(knots: tuple[float, ...]) -> np.ndarray:
+    """The index in PREDICTED_KINDS of each column of the basis after "runs" (computed
+    once per basis: every prediction asks for it)."""
+    kinds = np.array([k for k, kind in enumerate(PREDICTED_KINDS) for quantity in ("count", "flops", "bytes")
+                      for _ in range(len(knots) if knots and SIZED_QUANTITY.get(kind) == quantity else 1)])
+    kinds.flags.writeable = False  # shared by every caller
+    return kinds
 
 
 def join_features(before: dict[str, float], after: dict[str, float]) -> np.ndarray:
@@ -245,11 +250,12 @@ def residual_features(features: dict[str, float], coef: np.ndarray,
     """A unit's point in the residual model: its size (log FLOPs, bytes, ops, FLOPs per
     byte) and what it is made of (each kind's share of its additive-law time; `coef` over
     the basis of `knots`)."""
-    values = feature_vector(features)[1:].reshape(len(PREDICTED_KINDS), 3)  # count, flops, bytes
-    ops, flops, moved = values.sum(axis=0)
+    plain = feature_vector(features)[1:]
+    ops, flops, moved = plain.reshape(len(PREDICTED_KINDS), 3).sum(axis=0)  # count, flops, bytes
     size = [math.log1p(flops), math.log1p(moved), math.log1p(ops),
             math.log1p(flops / moved) if moved > 0 else 0.0]
-    per_kind = np.bincount(_column_kinds(knots), weights=feature_vector(features, knots)[1:] * coef[1:],
+    basis = feature_vector(features, knots)[1:] if knots else plain
+    per_kind = np.bincount(_column_kinds(tuple(knots)), weights=basis * coef[1:],
                            minlength=len(PREDICTED_KINDS))
     total = per_kind.sum()
     return np.concatenate([size, per_kind / total if total > 0 else per_kind])
@@ -478,9 +484,9 @@ def _ridge(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def choose_knots(records: Sequence[UnitProfile]) -> tuple[float, ...]:
     """SIZE_KNOTS where the size-binned law predicts the units of a model family left out
-    of its fit better than the plain law by KNOTS_MARGIN (median |predicted / measured - 1| over every
-    family's units, the figure the predictor is judged by: a mean lets a few units no law
-    fits decide), else () for the plain law; () with fewer than two families."""
+    of its fit better than the plain law by KNOTS_MARGIN (median |predicted / measured - 1|
+    over every family's units, the figure the predictor is judged by: a mean lets a few
+    units no law fits decide), else () for the plain law; () with fewer than two families."""
     labels = np.array([model_family(r.model) for r in records], dtype=object)
     families = set(labels)
     if len(families) < 2:
