@@ -216,15 +216,17 @@ def cmd_profile(args) -> int:
             model, example_inputs, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
             extra_rounds=args.retries, tvm=args.tvm,
             name=args.model.rpartition(":")[0].rpartition("/")[2].removesuffix(".py") or None,
-            progress=progress, fastest_reference=fastest_reference_of(measured))
+            progress=progress, device=args.device,
+            fastest_reference=fastest_reference_of(measured, device=args.device))
     if args.layer_space:
         from edgeplan.planner.layer_space import layer_space
 
         for name, bank, inputs, _ in layer_space(samples=args.samples, seed=args.seed):
             records += profile_units(bank, inputs, threads=args.threads, warmup=args.warmup,
                                      repeats=args.repeats, extra_rounds=args.retries, tvm=args.tvm,
-                                     name=name, progress=progress,
-                                     fastest_reference=fastest_reference_of([*measured, *records]))
+                                     name=name, progress=progress, device=args.device,
+                                     fastest_reference=fastest_reference_of([*measured, *records],
+                                                                            device=args.device))
     if records:
         print(format_profiles(records))
     if args.from_run:
@@ -437,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tls_options(deploy_parser, "; needed when the workers run with mTLS")
     deploy_parser.set_defaults(handler=cmd_deploy)
 
-    profile_parser = sub.add_parser("profile", help="measure per-unit latency on this host's ONNX Runtime CPU")
+    profile_parser = sub.add_parser("profile", help="measure per-unit latency on this machine's ONNX Runtime CPU")
     profile_parser.add_argument("model", nargs="?", default=None,
                                 help="FILE_OR_MODULE:FACTORY returning (model, example_inputs)")
     profile_parser.add_argument("--layer-space", action="store_true",
@@ -451,7 +453,13 @@ def build_parser() -> argparse.ArgumentParser:
     profile_parser.add_argument("--store", default="profiles.jsonl",
                                 help="profile store to append to (default ./profiles.jsonl)")
     profile_parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
-                                help="intra-op thread counts, one backend cpuN of device host each (default 1 2)")
+                                help="intra-op thread counts, one backend cpuN of --device each (default 1 2)")
+    profile_parser.add_argument("--device", default="host",
+                                help="the fleet device this machine is, as records name it: a fleet file's "
+                                     "device name, or its preset kind (which all devices of that kind "
+                                     "share); the planner looks a device's records up by name, then by "
+                                     "kind, and adapts a device with few records from the closest one "
+                                     "profiled (default host: the host preset)")
     profile_parser.add_argument("--repeats", type=int, default=15, help="timed runs per unit (default 15)")
     profile_parser.add_argument("--retries", type=int, default=None,
                                 help="timing rounds repeated at most while the machine runs slow, each "

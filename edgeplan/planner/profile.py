@@ -42,7 +42,8 @@ on two shared vCPUs, noisy either way: 29-60 % vs 5-59 %). With `tvm=True` each 
 also built as a TVM Relax library for this host (the TVM target's dlight build, cached)
 and timed with one thread in the same rounds: backend "tvm1". Each (unit, t) pair gives one
 UnitProfile on backend `cpu{t}` of device "host" (the `host` device preset in
-planner/fleet.py describes this machine), with robust statistics (median,
+planner/fleet.py describes this machine; profiling on a fleet's device, name it instead:
+`device=`, `edgeplan profile --device`), with robust statistics (median,
 p10, p90, and the number of runs more than 3 scaled MADs from the median) and the unit's
 static features, the inputs a latency predictor learns from.
 
@@ -346,14 +347,15 @@ def choose_rounds(round_references: Sequence[dict[int, float]], fastest: dict[in
     return sorted(sorted(range(len(round_references)), key=lambda i: slowdown[i])[:rounds])
 
 
-def fastest_reference_of(records: Iterable[UnitProfile], host: str | None = None) -> dict[int, float]:
-    """Thread count -> the fastest `reference_s` among this host's records (device "host",
-    backends cpu{t}): what `profile_units(fastest_reference=...)` takes, so that profiling
+def fastest_reference_of(records: Iterable[UnitProfile], host: str | None = None,
+                         device: str = DEVICE) -> dict[int, float]:
+    """Thread count -> the fastest `reference_s` among this host's records of `device`
+    (backends cpu{t}): what `profile_units(fastest_reference=...)` takes, so that profiling
     added to a store later waits out slow spells judged by the store's own speed."""
     host = platform.node() if host is None else host
     fastest: dict[int, float] = {}
     for r in records:
-        if r.reference_s > 0 and r.device == DEVICE and r.host == host and r.backend.startswith("cpu"):
+        if r.reference_s > 0 and r.device == device and r.host == host and r.backend.startswith("cpu"):
             threads = int(r.backend.removeprefix("cpu"))
             fastest[threads] = min(fastest.get(threads, r.reference_s), r.reference_s)
     return fastest
@@ -416,8 +418,10 @@ def profile_units(model, example_inputs, *, threads: Sequence[int] = (1, 2), war
                   progress: Progress | None = None,
                   stage_of_unit: Sequence[int] | None = None,
                   splits: Sequence[Sequence[int]] | None = None,
-                  tvm: bool = False) -> list[UnitProfile]:
-    """Measure every unit of `model` on backends cpu{t} of device "host" for t in `threads`.
+                  tvm: bool = False, device: str = DEVICE) -> list[UnitProfile]:
+    """Measure every unit of `model` on backends cpu{t} of this machine for t in `threads`,
+    recorded as fleet device `device` ("host" by default: the `host` preset; on a fleet's
+    device, its name or its preset kind, which `Predictor.model_for` looks up in that order).
 
     Returns one UnitProfile per (unit, backend), units in graph order and within a unit
     the thread counts in the given order, then TVM_BACKEND. `progress(done, total, label)` is called
@@ -591,7 +595,7 @@ def profile_units(model, example_inputs, *, threads: Sequence[int] = (1, 2), war
             median, p10, p90, outliers = robust_stats(timed)
             quiet = min(float(np.median(samples[i])) for samples in round_samples)
             records.append(UnitProfile(
-                model=signature.name, unit=_group_name(group), device=DEVICE,
+                model=signature.name, unit=_group_name(group), device=device,
                 backend=backend, features=combine_features(parts), median_s=median,
                 p10_s=p10, p90_s=p90, repeats=len(timed),
                 timestamp=datetime.now(UTC).isoformat(timespec="seconds"), outliers=outliers,

@@ -332,6 +332,32 @@ def test_few_records_adapt_from_the_backend_that_explains_them():
         Predictor.fit([])
 
 
+
+def test_an_unseen_device_with_few_records_is_adapted_and_costed_by_its_fleet_name(tiny_units):
+    """`edgeplan profile --device box` on another machine: its handful of records make an
+    adapted model under the fleet device's name, which the cost model finds before the
+    `host` preset's own, so box's column differs from host's by box's speed."""
+    import dataclasses
+
+    host = synthetic_records(MIN_FIT_RECORDS, seed=11)
+    box = [dataclasses.replace(r, device="box")
+           for r in synthetic_records(10, seed=12, coef=TRUE_COEF * 0.5)]
+    predictor = Predictor.fit(host + box)
+    adapted = predictor.models[("box", "cpu1")]
+    assert adapted.source == "host/cpu1" and adapted.records == 10
+    tests = synthetic_records(100, seed=13, coef=TRUE_COEF * 0.5)
+    assert np.median(np.abs(relative_errors(adapted, tests))) < 0.05
+    fleet = load_fleet({"name": "two", "device": [
+        {"name": "host", "preset": "host", "only_backends": ["cpu1"]},
+        {"name": "box", "preset": "host", "only_backends": ["cpu1"]}]})
+    assert predictor.model_for(fleet.device("box"), "cpu1") is adapted
+    tables = LearnedCostModel(predictor).costs(tiny_units, fleet)
+    on_host = tables.compute_s[:, tables.slots.index(("host", "cpu1"))]
+    on_box = tables.compute_s[:, tables.slots.index(("box", "cpu1"))]
+    learned = ~tables.guessed[:, tables.slots.index(("box", "cpu1"))]
+    assert learned.any()
+    assert np.median(on_box[learned] / on_host[learned]) == pytest.approx(0.5, rel=0.1)
+
 @pytest.fixture(scope="module")
 def tiny_units():
     model, inputs = load_example("gpt").build(**TINY)

@@ -154,6 +154,7 @@ def test_fastest_reference_of_this_hosts_records(profiled):
             dataclasses.replace(base, backend="cpu2", reference_s=0.0, host="here"),  # from a run
             dataclasses.replace(base, backend="cpu1", reference_s=80e-6, host="here", device="pi5")]
     assert fastest_reference_of(rows, host="here") == {1: 130e-6, 2: 170e-6}
+    assert fastest_reference_of(rows, host="here", device="pi5") == {1: 80e-6}
     assert fastest_reference_of([], host="here") == {}
     # profiled here: every backend of the call has its reference
     assert set(fastest_reference_of(records)) == {1, 2}
@@ -266,6 +267,22 @@ def test_cli_profile_writes_store(tmp_path, capsys):
     assert "total" in captured.out and str(store) in captured.out
     assert "\r" in captured.err
 
+
+
+def test_cli_profile_records_the_fleet_device_it_is_told(tmp_path, capsys):
+    """--device: records of another machine go to the store under that fleet device's name,
+    beside this host's, and its slow spells are judged by its own records."""
+    factory = tiny_gpt_factory(tmp_path)
+    store = tmp_path / "profiles.jsonl"
+    for device in ("host", "box"):
+        assert main(["profile", f"{factory}:build", "--store", str(store), "--threads", "1",
+                     "--repeats", "2", "--retries", "0", "--device", device]) == 0
+    records = ProfileStore(store).load()
+    units = len(records) // 2
+    assert [r.device for r in records] == ["host"] * units + ["box"] * units
+    assert {r.backend for r in records} == {"cpu1"}
+    assert "box/cpu1" in capsys.readouterr().out
+    assert set(fastest_reference_of(records, device="box")) == {1}
 
 def test_cli_profile_times_tvm_libraries_too(tmp_path, capsys):
     """--tvm: every unit also built as a TVM library for this host and timed as backend
