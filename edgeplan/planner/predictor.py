@@ -559,6 +559,14 @@ def adapt(source: LatencyModel, samples: Sequence[UnitProfile], device: str, bac
     return _remember(model, samples)
 
 
+def adapt_from_closest(sources: Sequence[LatencyModel], samples: Sequence[UnitProfile],
+                       device: str, backend: str) -> LatencyModel:
+    """`adapt` from the source whose rescaled prediction explains `samples` best (the
+    closest known backend; a few samples of an unseen device or backend)."""
+    source = min(sources, key=lambda m: _scale_residual(m, samples))
+    return adapt(source, samples, device, backend)
+
+
 def _scale_residual(model: LatencyModel, samples: Sequence[UnitProfile]) -> float:
     """Spread of log(measured / predicted) around its median: how well a rescaled model fits."""
     ratios = np.log([r.time_s / max(model.base(r.features), 1e-12) for r in samples])
@@ -588,11 +596,10 @@ class Predictor:
             raise PredictorError(f"predictor: no backend has the {min_records} records an own fit "
                                  f"needs ({counts}); profile more models or the layer space "
                                  f"(`edgeplan profile --layer-space`)")
-        fitted = dict(models)
+        fitted = list(models.values())
         for key, rows in by_backend.items():
-            if key not in fitted:
-                source = min(fitted.values(), key=lambda m: _scale_residual(m, rows))
-                models[key] = adapt(source, rows, *key)
+            if key not in models:
+                models[key] = adapt_from_closest(fitted, rows, *key)
         return cls(models)
 
     def model_for(self, device, backend: str) -> LatencyModel | None:
@@ -669,6 +676,7 @@ __all__ = [
     "SIZE_KNOTS",
     "ResidualModel",
     "adapt",
+    "adapt_from_closest",
     "choose_knots",
     "feature_vector",
     "fit_joins",
