@@ -478,7 +478,8 @@ def main(argv=None) -> int:
     families = ("hf-gpt2", "hf-llama", "sep-cnn", "all")
     for backend in BACKENDS:
         model = predictor.models[("host", backend)]
-        additive = dataclasses.replace(model, residual=None, corrections={}, join_coef=None)
+        additive = dataclasses.replace(model, residual=None, corrections={}, stage_corrections={},
+                                       join_coef=None)
         for level, records in (("unit", units), ("stage", stages)):
             for family in families:
                 rows = [r for r in records if r.backend == backend

@@ -13,8 +13,14 @@ time, its features summed over the stage's units) is one more row of the same sy
 
 Measured units are remembered: every record leaves a correction factor (measured /
 predicted) for the exact computation it timed (its feature vector), the latest record
-winning. A unit seen before is predicted as measured, which is how measurements from runs
-reach the next plan (`edgeplan profile --from-run`, `edgeplan compile --replan`).
+winning, in two memories. A unit timed alone corrects the unit alone (`corrections`); a
+stage (profiled, or measured in a run) spreads its one factor over its units as they run
+inside a stage (`stage_corrections`), and over the unit alone only where no record timed
+it alone. A unit alone is predicted from the first, a stage of several units and the
+planner's cost tables from the second, then the first: inside a stage a unit need not run
+as it ran alone (an LM head timed 65 us alone and 98 us a unit of its stages), and a stage
+of a run is what measurements from runs bring to the next plan (`edgeplan profile
+--from-run`, `edgeplan compile --replan`).
 
 Adaptation. A backend with fewer than MIN_FIT_RECORDS records is not fitted on its own:
 it starts from the known backend whose model explains its few samples best, rescales it
@@ -363,6 +369,7 @@ class LatencyModel:
     kinds: frozenset[str]
     records: int
     corrections: dict[tuple[float, ...], float] = field(default_factory=dict)
+    stage_corrections: dict[tuple[float, ...], float] = field(default_factory=dict)
     source: str = ""  # "device/backend" it was adapted from; "" for an own fit
     residual: ResidualModel | None = None
     join_coef: np.ndarray | None = None  # over JOIN_BASIS; None: no join model (joins 0)
@@ -394,8 +401,12 @@ class LatencyModel:
         """Seconds for one run of a unit."""
         return self.base(features) * self.corrections.get(_key(features), 1.0)
 
-    def predict_many(self, features: Sequence[dict[str, float]]) -> np.ndarray:
-        factors = np.array([self.corrections.get(_key(f), 1.0) for f in features])
+    def predict_many(self, features: Sequence[dict[str, float]], in_stage: bool = False) -> np.ndarray:
+        """Seconds for one run of each unit: alone, or `in_stage` as one of a stage's units
+        (module docstring: the two memories)."""
+        keys = [_key(f) for f in features]
+        factors = np.array([self.stage_corrections.get(k, self.corrections.get(k, 1.0)) if in_stage
+                            else self.corrections.get(k, 1.0) for k in keys])
         return self.base_many(features) * factors
 
     def joins(self, parts: Sequence[dict[str, float]], times: np.ndarray) -> np.ndarray:
@@ -409,7 +420,7 @@ class LatencyModel:
     def predict_stage(self, parts: Sequence[dict[str, float]]) -> float:
         """Seconds for one run of consecutive units as one stage: c_run counted once, and
         the joins of the cuts inside it."""
-        times = self.predict_many(parts)
+        times = self.predict_many(parts, in_stage=len(parts) > 1)
         return float(times.sum() + self.joins(parts, times).sum()) - (len(parts) - 1) * self.run_overhead_s
 
 
@@ -418,8 +429,12 @@ def _key(features: dict[str, float]) -> tuple[float, ...]:
 
 
 def _remember(model: LatencyModel, records: Sequence[UnitProfile]) -> LatencyModel:
-    """The model with a correction per measured computation, latest record last."""
+    """The model with a correction per measured computation, latest record last: units
+    timed alone in `corrections`, units inside stages in `stage_corrections` (and in
+    `corrections` where no record timed them alone)."""
+    alone = {_key(r.features) for r in records if not r.parts}
     corrections: dict[tuple[float, ...], float] = {}
+    in_stage: dict[tuple[float, ...], float] = {}
     for record in records:
         parts = record.parts or (record.features,)
         bases = model.base_many(parts)
@@ -431,8 +446,12 @@ def _remember(model: LatencyModel, records: Sequence[UnitProfile]) -> LatencyMod
         joins = float(model.joins(parts, bases).sum())
         factor = max(record.time_s + (len(parts) - 1) * model.run_overhead_s - joins, 1e-12) / base
         for part in parts:
-            corrections[_key(part)] = factor
-    return dataclasses.replace(model, corrections=corrections)
+            key = _key(part)
+            if record.parts:
+                in_stage[key] = factor
+            if not record.parts or key not in alone:
+                corrections[key] = factor
+    return dataclasses.replace(model, corrections=corrections, stage_corrections=in_stage)
 
 
 def fit_joins(records: Sequence[UnitProfile], run_overhead_s: float) -> np.ndarray | None:
@@ -637,7 +656,7 @@ class LearnedCostModel:
             rows = [u for u, f in enumerate(features) if f is not None and model.covers(f)]
             if rows:
                 # c_run is paid once per stage run: a column of its own, not inside every unit
-                times = model.predict_many([features[u] for u in rows])
+                times = model.predict_many([features[u] for u in rows], in_stage=True)
                 scale = 3.0 if mode == "training" else 1.0
                 compute[rows, k] = np.maximum(times - model.run_overhead_s, 0.0) * scale
                 overhead[k] = model.run_overhead_s * scale

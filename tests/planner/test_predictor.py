@@ -109,17 +109,30 @@ def test_measured_units_are_predicted_as_measured():
     records.append(UnitProfile(**{**slow.__dict__, "median_s": slow.median_s * 3}))
     model = fit_model(records, "host", "cpu1")
     assert model.predict(slow.features) == pytest.approx(slow.median_s * 3, rel=1e-9)
-    # a stage-level record corrects each of its parts by the same factor
-    stage = UnitProfile(**{**records[1].__dict__, "unit": "u1..u2",
-                           "parts": (records[1].features, records[2].features),
-                           "features": combine_features([records[1].features, records[2].features]),
+    # a stage-level record corrects each of its parts by the same factor, as they run
+    # inside stages; alone, a unit timed alone stays as it was timed
+    parts = [records[1].features, records[2].features]
+    stage = UnitProfile(**{**records[1].__dict__, "unit": "u1..u2", "parts": tuple(parts),
+                           "features": combine_features(parts),
                            "median_s": 2 * (records[1].median_s + records[2].median_s)})
     model = fit_model(records + [stage], "host", "cpu1")
-    total = model.predict_stage([records[1].features, records[2].features])
+    total = model.predict_stage(parts)
     assert total == pytest.approx(stage.median_s, rel=1e-9)
     # one session run: the per-run cost counts once, not once per unit
-    assert total == pytest.approx(model.predict(records[1].features) + model.predict(
-        records[2].features) - model.run_overhead_s, rel=1e-6)
+    assert total == pytest.approx(model.predict_many(parts, in_stage=True).sum()
+                                  - model.run_overhead_s, rel=1e-6)
+    for record in records[1:3]:
+        assert model.predict(record.features) == pytest.approx(record.median_s, rel=0.05)
+        assert model.predict_stage([record.features]) == model.predict(record.features)
+    # a unit no record timed alone: the stage's factor is all there is, alone too
+    unseen = synthetic_records(1, seed=30)[0]
+    inside = [records[1].features, unseen.features]
+    both = UnitProfile(**{**stage.__dict__, "unit": "u1..x", "parts": tuple(inside),
+                          "features": combine_features(inside), "median_s": stage.median_s})
+    model = fit_model(records + [both], "host", "cpu1")
+    assert model.predict(unseen.features) == pytest.approx(
+        model.predict_many([unseen.features], in_stage=True)[0], rel=1e-12)
+    assert model.predict(unseen.features) != pytest.approx(model.base(unseen.features), rel=0.1)
 
 
 # What a cut inside a stage adds: per cut, per byte of 4-D and of other tensors crossing,
