@@ -26,7 +26,10 @@ Adaptation. A backend with fewer than MIN_FIT_RECORDS records is not fitted on i
 it starts from the known backend whose model explains its few samples best, rescales it
 by the samples' median ratio, and refits every coefficient from the samples with a ridge
 pull towards the rescaled source (ADAPT_RIDGE), so a handful of samples moves the overall
-speed and more samples move individual op kinds.
+speed and more samples move individual op kinds. The source's residual model and memory of
+measured computations come along (`adapt`). A device profiled elsewhere (`edgeplan profile
+--device`) with few records is adapted the same way, from whichever known backend its
+records pick.
 
 Size-dependent efficiency. The additive law has one rate per op kind, but a kernel's
 efficiency changes with its size (small matmuls run far below peak, and worse on two
@@ -557,8 +560,13 @@ def adapt(source: LatencyModel, samples: Sequence[UnitProfile], device: str, bac
     Scale first (the median measured/predicted ratio), then every coefficient refit as a
     multiple of the scaled source, pulled towards it with weight `ridge` per coefficient.
     The source's residual model (how efficiency changes with size) is carried over and the
-    coefficients are fitted to what it leaves; its join model is carried over at the
-    samples' scale; its corrections describe its own backend, so they are not.
+    coefficients are fitted to what it leaves. Its memory of measured computations (how
+    far each ran from its prediction) is carried over too, the samples' own measurements
+    replacing it where they timed the same computation: neutral within this host (cpu1 <->
+    cpu2, three stores), better from this host to another machine and back on three of
+    four backend pairs at 10-20 samples (README, Learned latency predictor); fitting the
+    coefficients to what the memory leaves as well made the host's cpu1 -> cpu2 2-4 points
+    worse. Its join model is carried over at the samples' scale.
     """
     samples = [r for r in samples if r.time_s > 0]
     coef, scale = source.coef * prior_scale, prior_scale
@@ -575,7 +583,10 @@ def adapt(source: LatencyModel, samples: Sequence[UnitProfile], device: str, bac
                          source=f"{source.device}/{source.backend}", residual=source.residual,
                          join_coef=None if source.join_coef is None else source.join_coef * scale,
                          size_knots=source.size_knots)
-    return _remember(model, samples)
+    measured = _remember(model, samples)
+    return dataclasses.replace(
+        measured, corrections={**source.corrections, **measured.corrections},
+        stage_corrections={**source.stage_corrections, **measured.stage_corrections})
 
 
 def adapt_from_closest(sources: Sequence[LatencyModel], samples: Sequence[UnitProfile],

@@ -331,6 +331,20 @@ def test_adaptation_improves_with_samples():
     assert curve[3] < 0.06 < curve[0]
 
 
+def test_adaptation_carries_the_sources_memory_until_a_sample_times_the_same_unit():
+    records = synthetic_records(100, seed=31)
+    slow = records[0]
+    records.append(UnitProfile(**{**slow.__dict__, "median_s": slow.median_s * 3}))
+    source = fit_model(records, "host", "cpu1")
+    samples = synthetic_records(10, seed=32, backend="cpu2", coef=TRUE_COEF * 0.5)
+    adapted = adapt(source, samples, "host", "cpu2")
+    # ran 3x its law on the source: 3x the adapted law on the target too
+    assert adapted.predict(slow.features) == pytest.approx(
+        3 * slow.median_s / source.base(slow.features) * adapted.base(slow.features), rel=0.02)
+    timed = UnitProfile(**{**slow.__dict__, "backend": "cpu2", "median_s": slow.median_s * 0.5})
+    again = adapt(source, samples + [timed], "host", "cpu2")
+    assert again.predict(slow.features) == pytest.approx(timed.median_s, rel=1e-9)
+
 def test_few_records_adapt_from_the_backend_that_explains_them():
     own = synthetic_records(MIN_FIT_RECORDS, seed=7)
     few = synthetic_records(8, seed=8, backend="cpu2", coef=TRUE_COEF * 0.5)
