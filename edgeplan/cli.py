@@ -15,6 +15,7 @@ Errors edgeplan raises on bad input print as one line (`edgeplan: error: ...`), 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -200,10 +201,16 @@ def cmd_profile(args) -> int:
     if not (args.model or args.layer_space or args.from_run):
         raise EdgeplanError("profile: nothing to measure; give a model (FILE:FACTORY), "
                             "--layer-space, or --from-run DIR")
+    if args.backend is not None and (len(args.threads) != 1 or args.tvm):
+        raise EdgeplanError(f"profile: --backend {args.backend} names one backend, but --threads "
+                            f"{' '.join(map(str, args.threads))}{' --tvm' if args.tvm else ''} "
+                            f"measures {len(args.threads) + bool(args.tvm)}; give one thread count "
+                            f"(the threads that fleet backend runs with) and no --tvm")
     store = ProfileStore(args.store)
     progress = progress_bar
     # Slow spells of the machine are judged against the fastest this host's records saw.
     measured = store.load() if store.path.is_file() and (args.model or args.layer_space) else []
+    renamed = {} if args.backend is None else {args.backend: args.threads[0]}
 
     records = []
     if args.model:
@@ -217,7 +224,7 @@ def cmd_profile(args) -> int:
             extra_rounds=args.retries, tvm=args.tvm,
             name=args.model.rpartition(":")[0].rpartition("/")[2].removesuffix(".py") or None,
             progress=progress, device=args.device,
-            fastest_reference=fastest_reference_of(measured, device=args.device))
+            fastest_reference=fastest_reference_of(measured, device=args.device, backend_threads=renamed))
     if args.layer_space:
         from edgeplan.planner.layer_space import layer_space
 
@@ -225,9 +232,11 @@ def cmd_profile(args) -> int:
             records += profile_units(bank, inputs, threads=args.threads, warmup=args.warmup,
                                      repeats=args.repeats, extra_rounds=args.retries, tvm=args.tvm,
                                      name=name, progress=progress, device=args.device,
-                                     fastest_reference=fastest_reference_of([*measured, *records],
-                                                                            device=args.device))
+                                     fastest_reference=fastest_reference_of(
+                                         [*measured, *records], device=args.device, backend_threads=renamed))
     if records:
+        if args.backend is not None:
+            records = [dataclasses.replace(r, backend=args.backend) for r in records]
         print(format_profiles(records))
     if args.from_run:
         known = store.load() if store.path.is_file() else []
@@ -460,6 +469,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      "share); the planner looks a device's records up by name, then by "
                                      "kind, and adapts a device with few records from the closest one "
                                      "profiled (default host: the host preset)")
+    profile_parser.add_argument("--backend", default=None,
+                                help="record the backend under this fleet backend name instead of "
+                                     "cpuN (one --threads value: the threads that backend runs with), "
+                                     "e.g. --device pi5 --backend cpu --threads 4 for a Raspberry Pi 5 "
+                                     "preset's cpu backend")
     profile_parser.add_argument("--repeats", type=int, default=15, help="timed runs per unit (default 15)")
     profile_parser.add_argument("--retries", type=int, default=None,
                                 help="timing rounds repeated at most while the machine runs slow, each "

@@ -84,6 +84,7 @@ import json
 import math
 import os
 import platform
+import re
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -348,15 +349,23 @@ def choose_rounds(round_references: Sequence[dict[int, float]], fastest: dict[in
 
 
 def fastest_reference_of(records: Iterable[UnitProfile], host: str | None = None,
-                         device: str = DEVICE) -> dict[int, float]:
+                         device: str = DEVICE,
+                         backend_threads: Mapping[str, int] | None = None) -> dict[int, float]:
     """Thread count -> the fastest `reference_s` among this host's records of `device`
-    (backends cpu{t}): what `profile_units(fastest_reference=...)` takes, so that profiling
-    added to a store later waits out slow spells judged by the store's own speed."""
+    (backends cpu{t}, and those `backend_threads` names: backend -> thread count, for
+    records profiled under a fleet's backend name): what `profile_units(fastest_reference=...)`
+    takes, so that profiling added to a store later waits out slow spells judged by the
+    store's own speed."""
     host = platform.node() if host is None else host
+    named = dict(backend_threads or {})
     fastest: dict[int, float] = {}
     for r in records:
-        if r.reference_s > 0 and r.device == device and r.host == host and r.backend.startswith("cpu"):
+        if r.reference_s <= 0 or r.device != device or r.host != host:
+            continue
+        threads = named.get(r.backend)
+        if threads is None and re.fullmatch(r"cpu\d+", r.backend):
             threads = int(r.backend.removeprefix("cpu"))
+        if threads is not None:
             fastest[threads] = min(fastest.get(threads, r.reference_s), r.reference_s)
     return fastest
 

@@ -155,6 +155,11 @@ def test_fastest_reference_of_this_hosts_records(profiled):
             dataclasses.replace(base, backend="cpu1", reference_s=80e-6, host="here", device="pi5")]
     assert fastest_reference_of(rows, host="here") == {1: 130e-6, 2: 170e-6}
     assert fastest_reference_of(rows, host="here", device="pi5") == {1: 80e-6}
+    # records under a fleet's backend name (profile --backend): counted for its threads
+    named = [dataclasses.replace(base, backend="cpu", reference_s=70e-6, host="here", device="pi5")]
+    assert fastest_reference_of(rows + named, host="here", device="pi5") == {1: 80e-6}
+    assert fastest_reference_of(rows + named, host="here", device="pi5",
+                                backend_threads={"cpu": 4}) == {1: 80e-6, 4: 70e-6}
     assert fastest_reference_of([], host="here") == {}
     # profiled here: every backend of the call has its reference
     assert set(fastest_reference_of(records)) == {1, 2}
@@ -283,6 +288,14 @@ def test_cli_profile_records_the_fleet_device_it_is_told(tmp_path, capsys):
     assert {r.backend for r in records} == {"cpu1"}
     assert "box/cpu1" in capsys.readouterr().out
     assert set(fastest_reference_of(records, device="box")) == {1}
+    # --backend: under the fleet backend's own name (a preset's "cpu"), for one thread count
+    assert main(["profile", f"{factory}:build", "--store", str(store), "--threads", "1",
+                 "--repeats", "2", "--retries", "0", "--device", "pi5", "--backend", "cpu"]) == 0
+    assert [r.backend for r in ProfileStore(store).load() if r.device == "pi5"] == ["cpu"] * units
+    assert "pi5/cpu " in capsys.readouterr().out
+    assert main(["profile", f"{factory}:build", "--store", str(store), "--threads", "1", "2",
+                 "--device", "pi5", "--backend", "cpu"]) == 2
+    assert "give one thread count" in capsys.readouterr().err
 
 def test_cli_profile_times_tvm_libraries_too(tmp_path, capsys):
     """--tvm: every unit also built as a TVM library for this host and timed as backend
