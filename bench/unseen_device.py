@@ -45,7 +45,15 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import numpy as np  # noqa: E402
-from predictor import BACKENDS, errors, noise_floor, roofline_times, split_records  # noqa: E402
+from predictor import (  # noqa: E402
+    BACKENDS,
+    errors,
+    learned_times,
+    noise_floor,
+    roofline_times,
+    split_records,
+    summary,
+)
 
 from edgeplan.errors import EdgeplanError  # noqa: E402
 from edgeplan.planner.predictor import Predictor, adapt_from_closest  # noqa: E402
@@ -85,28 +93,19 @@ def paired(first, second) -> tuple[list, list]:
     return [a for a, _ in pairs], [b for _, b in pairs]
 
 
-def cell(err) -> str:
-    err = np.abs(np.asarray(err))
-    return f"{np.median(err) * 100:6.1f}% {np.mean(err <= 0.10) * 100:4.0f}%"
-
-
-def predict(model, records) -> np.ndarray:
-    return np.array([model.predict_stage(r.parts or (r.features,)) for r in records])
-
-
 def direction(name, source_records, target_records, target_units, device, draws) -> None:
     """One table row per backend: roofline, source as is, k samples, own fit."""
     source = Predictor.fit(source_records)
     own = Predictor.fit(target_records)
     source_device = source_records[0].device
     print(f"\n{name} (held-out units of {device})")
-    print(f"{'backend':<8} {'n':>3} | {'roofline':>11} | {'as is':>11} | "
-          + " | ".join(f"{'k = ' + str(k):>11}" for k in KS) + f" | {'own fit':>11} | sources chosen")
+    print(f"{'backend':<8} {'n':>3} | {'roofline':>16} | {'as is':>16} | "
+          + " | ".join(f"{'k = ' + str(k):>16}" for k in KS) + f" | {'own fit':>16} | sources chosen")
     for backend in BACKENDS:
         rows = [r for r in target_units if r.backend == backend]
         pool = [r for r in target_records if r.backend == backend]
-        cells = [cell(errors(roofline_times(rows, backend), rows)),
-                 cell(errors(predict(source.models[(source_device, backend)], rows), rows))]
+        cells = [summary(errors(roofline_times(rows, backend), rows)),
+                 summary(errors(learned_times(source.models[(source_device, backend)], rows), rows))]
         chosen = collections.Counter()
         for k in KS:
             medians, within = [], []
@@ -114,11 +113,11 @@ def direction(name, source_records, target_records, target_units, device, draws)
                 samples = random.Random(draw).sample(pool, k)
                 model = adapt_from_closest(list(source.models.values()), samples, device, backend)
                 chosen[model.source.rpartition("/")[2]] += 1
-                err = np.abs(errors(predict(model, rows), rows))
+                err = np.abs(errors(learned_times(model, rows), rows))
                 medians.append(float(np.median(err)))
                 within.append(float(np.mean(err <= 0.10)))
-            cells.append(f"{statistics.median(medians) * 100:6.1f}% {statistics.median(within) * 100:4.0f}%")
-        cells.append(cell(errors(predict(own.models[(device, backend)], rows), rows)))
+            cells.append(f"{statistics.median(medians) * 100:>7.1f}% {statistics.median(within) * 100:>6.0f}%")
+        cells.append(summary(errors(learned_times(own.models[(device, backend)], rows), rows)))
         print(f"{backend:<8} {len(rows):>3} | " + " | ".join(cells) + " | "
               + ", ".join(f"{b} {n}" for b, n in sorted(chosen.items())))
 
@@ -145,7 +144,7 @@ def main(argv=None) -> int:
     for label, first, second in (("host", host_units, host_again), (device, other_units, other_again)):
         for backend in BACKENDS:
             a, b = paired([r for r in first if r.backend == backend], second)
-            print(f"{label:<8} {backend:<5} {len(a):>3} units {cell(noise_floor(a, b))}")
+            print(f"{label:<8} {backend:<5} {len(a):>3} units {summary(noise_floor(a, b))}")
     ratio = {(r.unit, r.model, r.backend): r.time_s for r in host_units}
     for backend in BACKENDS:
         times = [r.time_s / ratio[(r.unit, r.model, r.backend)] for r in other_units

@@ -357,7 +357,7 @@ def fastest_reference_of(records: Iterable[UnitProfile], host: str | None = None
     takes, so that profiling added to a store later waits out slow spells judged by the
     store's own speed."""
     host = platform.node() if host is None else host
-    named = dict(backend_threads or {})
+    named = backend_threads or {}
     fastest: dict[int, float] = {}
     for r in records:
         if r.reference_s <= 0 or r.device != device or r.host != host:
