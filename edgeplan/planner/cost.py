@@ -73,6 +73,8 @@ class CostTables:
     Learned cost models (planner.predictor) mark what they could not predict:
     guessed[U, K]           compute_s[u, k] is a roofline guess, not learned from
                             measurements (None: the model says for itself, e.g. roofline)
+    slot_sources[K]         where slot k's learned costs come from ("" where none do): an own
+                            fit on n records, or adapted from another device/backend
 
     stage_overhead_s[K]     seconds a stage on slot k pays once per run, whatever its units
                             (a session run's fixed cost; learned models measure it, the
@@ -103,6 +105,7 @@ class CostTables:
     slot_device: np.ndarray
     model: str = "roofline"
     guessed_units: tuple[str, ...] = field(default=())
+    slot_sources: tuple[str, ...] = field(default=())
     codec_names: tuple[str, ...] = ("raw",)
     codec_wire_bytes: np.ndarray | None = None
     codec_encode_s: np.ndarray | None = None
@@ -217,6 +220,7 @@ class CostTables:
             slot_device=np.asarray(data["slot_device"], dtype=np.int64),
             model=data.get("model", "roofline"),
             guessed_units=tuple(data.get("guessed_units", ())),
+            slot_sources=tuple(data.get("slot_sources", ())),
             codec_names=tuple(data.get("codec_names", ("raw",))),
             **{name: None if data.get(name) is None else np.asarray(data[name], dtype=kind).reshape(
                    len(data["cut_bytes"]), len(data.get("codec_names", ("raw",))))

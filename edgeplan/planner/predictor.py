@@ -383,6 +383,13 @@ class LatencyModel:
         """c_run: what one session run costs besides its ops."""
         return float(self.coef[0])
 
+    @property
+    def provenance(self) -> str:
+        """Where the model comes from, for plans: its own fit or the backend it was adapted from."""
+        if self.source:
+            return f"adapted from {self.source} with {self.records} record(s)"
+        return f"fitted on {self.records} record(s)"
+
     def covers(self, features: dict[str, float]) -> bool:
         return kinds_of(features) <= self.kinds
 
@@ -659,11 +666,15 @@ class LearnedCostModel:
         overhead = tables.stage_overhead_s.copy()
         guessed = np.ones(compute.shape, dtype=bool)
         joins = np.zeros(tables.join_s.shape)
+        sources = [""] * len(tables.slots)
         features = [unit_features(u) if getattr(u, "op_mix", ()) else None for u in units]
         for k, (device_name, backend_name) in enumerate(tables.slots):
             model = self.predictor.model_for(fleet.device(device_name), backend_name)
             if model is None:
                 continue
+            sources[k] = model.provenance + (
+                "" if (model.device, model.backend) == (device_name, backend_name)
+                else f" of {model.device}/{model.backend}")  # found by preset kind
             rows = [u for u, f in enumerate(features) if f is not None and model.covers(f)]
             if rows:
                 # c_run is paid once per stage run: a column of its own, not inside every unit
@@ -678,6 +689,7 @@ class LearnedCostModel:
                     joins[u, k] = model.joins(pair, np.array([time_of[u], time_of[u + 1]]))[0] * scale
         return dataclasses.replace(
             tables, compute_s=compute, stage_overhead_s=overhead, join_s=joins, model="learned", guessed=guessed,
+            slot_sources=tuple(sources),
             guessed_units=tuple(name for name, row in zip(tables.unit_names, guessed) if row.any()))
 
 

@@ -97,6 +97,11 @@ def format_plan(plan: Plan, manifest=None, run: dict | None = None) -> str:
     if runtimes:
         lines.append("runtime: what runs each stage; ORT ms / TVM ms: median of one-thread runs on "
                      "the compiling host, measured by --targets auto (which keeps the faster)")
+    used = {(stage.device, stage.backend) for stage in plan.stages}
+    sources = [f"{'/'.join(slot)}: {source}" for slot, source in zip(plan.costs.slots, plan.costs.slot_sources)
+               if source and slot in used]
+    if sources:
+        lines.append(f"learned costs of the stages' backends: {'; '.join(sources)}")
     if plan.costs.guessed_units:
         lines.append(f"guessed (no measurements): {', '.join(plan.costs.guessed_units)}")
     if plan.workload is not None:

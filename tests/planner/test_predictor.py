@@ -47,6 +47,7 @@ from edgeplan.planner.profile import (
     records_from_run,
     unit_features,
 )
+from edgeplan.planner.report import format_plan
 from edgeplan.runtime.pipeline import RUNS_FILE
 
 TINY = {"n_layer": 4, "d_model": 32, "n_head": 2, "vocab": 64, "seq": 8}
@@ -384,6 +385,17 @@ def test_an_unseen_device_with_few_records_is_adapted_and_costed_by_its_fleet_na
     learned = ~tables.guessed[:, tables.slots.index(("box", "cpu1"))]
     assert learned.any()
     assert np.median(on_box[learned] / on_host[learned]) == pytest.approx(0.5, rel=0.1)
+    # the plan says where each backend's learned costs come from
+    assert tables.slot_sources == (f"fitted on {MIN_FIT_RECORDS} record(s)",
+                                   "adapted from host/cpu1 with 10 record(s)")
+    model, inputs = load_example("gpt").build(**TINY)
+    plan = edgeplan.compile(model, inputs, fleet=fleet, cost_model=LearnedCostModel(predictor))
+    again = Plan.from_dict(json.loads(plan.to_json()))
+    assert again.costs.slot_sources == tables.slot_sources
+    used = {f"{s.device}/{s.backend}" for s in plan.stages}
+    report = format_plan(again)
+    for slot, source in zip(("host/cpu1", "box/cpu1"), tables.slot_sources):
+        assert (f"{slot}: {source}" in report) == (slot in used)
 
 @pytest.fixture(scope="module")
 def tiny_units():
@@ -402,6 +414,9 @@ def test_fallback_marks_guessed_units(tiny_units):
     blocks = [i for i, u in enumerate(tiny_units) if u.name.startswith("blocks.")]
     assert tables.model == "learned" and len(blocks) == TINY["n_layer"]
     assert tables.guessed[:, cpu2].all()  # no data at all for cpu2
+    assert (tables.slot_sources[cpu1], tables.slot_sources[cpu2]) == ("fitted on 200 record(s)", "")
+    pair = cost_model.costs(tiny_units, load_fleet("host-pair"))  # devices of kind host
+    assert set(pair.slot_sources) == {"fitted on 200 record(s) of host/cpu1"}
     assert tables.guessed[blocks, cpu1].all()
     assert not tables.guessed[[0, len(tiny_units) - 1], cpu1].any()  # embedding, head
     assert np.array_equal(tables.compute_s[tables.guessed], roofline.compute_s[tables.guessed])
