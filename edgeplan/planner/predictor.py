@@ -408,8 +408,8 @@ class LatencyModel:
         return float(self.base_many([features])[0])
 
     def predict(self, features: dict[str, float]) -> float:
-        """Seconds for one run of a unit."""
-        return self.base(features) * self.corrections.get(_key(features), 1.0)
+        """Seconds for one run of a unit alone."""
+        return float(self.predict_many([features])[0])
 
     def predict_many(self, features: Sequence[dict[str, float]], in_stage: bool = False) -> np.ndarray:
         """Seconds for one run of each unit: alone, or `in_stage` as one of a stage's units
@@ -569,11 +569,9 @@ def adapt(source: LatencyModel, samples: Sequence[UnitProfile], device: str, bac
     The source's residual model (how efficiency changes with size) is carried over and the
     coefficients are fitted to what it leaves. Its memory of measured computations (how
     far each ran from its prediction) is carried over too, the samples' own measurements
-    replacing it where they timed the same computation: neutral within this host (cpu1 <->
-    cpu2, three stores), better from this host to another machine and back on three of
-    four backend pairs at 10-20 samples (README, Learned latency predictor); fitting the
-    coefficients to what the memory leaves as well made the host's cpu1 -> cpu2 2-4 points
-    worse. Its join model is carried over at the samples' scale.
+    replacing it where they timed the same computation (README, Learned latency predictor:
+    neutral within this host, better between machines on three of four backend pairs).
+    Its join model is carried over at the samples' scale.
     """
     samples = [r for r in samples if r.time_s > 0]
     coef, scale = source.coef * prior_scale, prior_scale
