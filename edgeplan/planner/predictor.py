@@ -254,17 +254,28 @@ def _relative_nnls(x: np.ndarray, y: np.ndarray, prior: np.ndarray | None = None
     return out
 
 
+def _encode(features: dict[str, float], knots: Sequence[float] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """A unit's plain basis values without "runs" (its key in the memories, and its size in
+    the residual model) and its row in the basis of `knots`: built once per prediction."""
+    plain = feature_vector(features)
+    return plain[1:], (feature_vector(features, knots) if knots else plain)
+
+
 def residual_features(features: dict[str, float], coef: np.ndarray,
                       knots: Sequence[float] = ()) -> np.ndarray:
     """A unit's point in the residual model: its size (log FLOPs, bytes, ops, FLOPs per
     byte) and what it is made of (each kind's share of its additive-law time; `coef` over
     the basis of `knots`)."""
-    plain = feature_vector(features)[1:]
+    return _residual_point(*_encode(features, knots), coef, knots)
+
+
+def _residual_point(plain: np.ndarray, row: np.ndarray, coef: np.ndarray,
+                    knots: Sequence[float]) -> np.ndarray:
+    """residual_features of a unit's encoded features (`_encode`)."""
     ops, flops, moved = plain.reshape(len(PREDICTED_KINDS), 3).sum(axis=0)  # count, flops, bytes
     size = [math.log1p(flops), math.log1p(moved), math.log1p(ops),
             math.log1p(flops / moved) if moved > 0 else 0.0]
-    basis = feature_vector(features, knots)[1:] if knots else plain
-    per_kind = np.bincount(_column_kinds(tuple(knots)), weights=basis * coef[1:],
+    per_kind = np.bincount(_column_kinds(tuple(knots)), weights=row[1:] * coef[1:],
                            minlength=len(PREDICTED_KINDS))
     total = per_kind.sum()
     return np.concatenate([size, per_kind / total if total > 0 else per_kind])
@@ -348,9 +359,15 @@ class ResidualModel:
 
     def predict(self, features: Sequence[dict[str, float]]) -> np.ndarray:
         """log correction factor of each unit."""
-        if not len(features):
+        encoded = [_encode(f, self.knots) for f in features]
+        return self.predict_encoded([plain for plain, _ in encoded], [row for _, row in encoded])
+
+    def predict_encoded(self, plains: Sequence[np.ndarray], rows: Sequence[np.ndarray]) -> np.ndarray:
+        """`predict` of units encoded by `_encode` (their plain values and rows in the basis
+        of `knots`): a prediction encodes its units once."""
+        if not len(plains):
             return np.zeros(0)
-        queries = np.array([residual_features(f, self.coef, self.knots) for f in features])
+        queries = np.array([_residual_point(p, r, self.coef, self.knots) for p, r in zip(plains, rows)])
         distances = _distances((queries - self.center) * self.scale, self.points)
         return self.weight * self._local(distances, min(self.neighbors, self.points.shape[0]))
 
@@ -398,11 +415,19 @@ class LatencyModel:
 
     def base_many(self, features: Sequence[dict[str, float]]) -> np.ndarray:
         """Additive law times the residual correction, before per-computation corrections."""
-        matrix = np.array([feature_vector(f, self.size_knots) for f in features]).reshape(-1, len(self.coef))
-        additive = matrix @ self.coef
+        return self._base_encoded(*self._encode_many(features))
+
+    def _encode_many(self, features: Sequence[dict[str, float]]) -> tuple[np.ndarray, np.ndarray]:
+        encoded = [_encode(f, self.size_knots) for f in features]
+        plains = np.array([plain for plain, _ in encoded]).reshape(len(encoded), len(BASIS) - 1)
+        rows = np.array([row for _, row in encoded]).reshape(len(encoded), len(self.coef))
+        return plains, rows
+
+    def _base_encoded(self, plains: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        additive = rows @ self.coef
         if self.residual is None:
             return additive
-        return additive * np.exp(self.residual.predict(features))
+        return additive * np.exp(self.residual.predict_encoded(plains, rows))
 
     def base(self, features: dict[str, float]) -> float:
         return float(self.base_many([features])[0])
@@ -414,10 +439,11 @@ class LatencyModel:
     def predict_many(self, features: Sequence[dict[str, float]], in_stage: bool = False) -> np.ndarray:
         """Seconds for one run of each unit: alone, or `in_stage` as one of a stage's units
         (module docstring: the two memories)."""
-        keys = [_key(f) for f in features]
+        plains, rows = self._encode_many(features)
+        keys = [tuple(plain) for plain in plains]  # as _key builds them
         factors = np.array([self.stage_corrections.get(k, self.corrections.get(k, 1.0)) if in_stage
                             else self.corrections.get(k, 1.0) for k in keys])
-        return self.base_many(features) * factors
+        return self._base_encoded(plains, rows) * factors
 
     def joins(self, parts: Sequence[dict[str, float]], times: np.ndarray) -> np.ndarray:
         """Seconds each cut between consecutive parts adds when they run in one stage,
@@ -442,10 +468,11 @@ def _remember(model: LatencyModel, records: Sequence[UnitProfile]) -> LatencyMod
     """The model with a correction per measured computation, latest record last: units
     timed alone in `corrections`, units inside stages in `stage_corrections` (and in
     `corrections` where no record timed them alone)."""
-    alone = {_key(r.features) for r in records if not r.parts}
+    keys_of = [[_key(part) for part in record.parts or (record.features,)] for record in records]
+    alone = {keys[0] for record, keys in zip(records, keys_of) if not record.parts}
     corrections: dict[tuple[float, ...], float] = {}
     in_stage: dict[tuple[float, ...], float] = {}
-    for record in records:
+    for record, keys in zip(records, keys_of):
         parts = record.parts or (record.features,)
         bases = model.base_many(parts)
         base = float(bases.sum())
@@ -455,8 +482,7 @@ def _remember(model: LatencyModel, records: Sequence[UnitProfile]) -> LatencyMod
         # it hit the record.
         joins = float(model.joins(parts, bases).sum())
         factor = max(record.time_s + (len(parts) - 1) * model.run_overhead_s - joins, 1e-12) / base
-        for part in parts:
-            key = _key(part)
+        for key in keys:
             if record.parts:
                 in_stage[key] = factor
             if not record.parts or key not in alone:
