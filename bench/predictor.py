@@ -271,8 +271,8 @@ def measure_held_out(predictor: Predictor, profile: Profiler):
         splits = [list(range(len(features)))] + splits_of[name]
         measured += profile(model, inputs, name=name, splits=splits, progress=progress_line(name))
     for name, model, inputs in built:
-        measured += profile(model, inputs, name=f"{name}-repeat",
-                            progress=progress_line(f"{name} units again"))
+        measured += profile(model, inputs, name=f"{name}-repeat", splits=splits_of[name],
+                            progress=progress_line(f"{name} again"))
     return measured, splits_of
 
 
@@ -291,6 +291,15 @@ def split_records(measured, splits_of: dict[str, list[list[int]]]):
             for stage in stage_names(split, [r.unit for r in rows]):
                 stages.update({(model, stage, b): by_name[(model, stage, b)] for b in BACKENDS})
     return units, list(stages.values()), again
+
+
+def paired(first, second) -> tuple[list, list]:
+    """The records of `first` and `second` of the same (model, unit, backend), in one order
+    (a model's second timing is named "<model>-repeat")."""
+    again = {(r.model.removesuffix("-repeat"), r.unit, r.backend): r for r in second}
+    pairs = [(r, again[(r.model, r.unit, r.backend)]) for r in first
+             if (r.model, r.unit, r.backend) in again]
+    return [a for a, _ in pairs], [b for _, b in pairs]
 
 
 def noise_floor(first, second) -> np.ndarray:
@@ -372,6 +381,32 @@ def adaptation_curve(store_records, eval_records, source_backend, target_backend
     return curve
 
 
+def after_one_run(store_records, units, stages, splits_of) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Continuous learning (`edgeplan profile --from-run`, `compile --replan`): for each held-out
+    model and each of its splits, that split's stages recorded as one run records them (stage
+    times, no quiet round) and the predictor refit on the store plus them; then every stage of
+    the model's other splits that the run did not time, predicted before and after. Backend ->
+    (errors before, errors after)."""
+    timed = {(r.model, r.unit, r.backend): r for r in stages}
+    before = Predictor.fit(store_records)
+    out = {backend: ([], []) for backend in BACKENDS}
+    for model, splits in splits_of.items():
+        names = [r.unit for r in sorted((r for r in units if r.model == model and r.backend == BACKENDS[0]),
+                                        key=lambda r: r.unit_index)]
+        for run_split in splits:
+            recorded = set(stage_names(run_split, names))
+            run = [dataclasses.replace(timed[(model, name, backend)], quiet_s=0.0, reference_s=0.0,
+                                       median_s=timed[(model, name, backend)].time_s, runtime="edgeplan run")
+                   for name in recorded for backend in BACKENDS]
+            after = Predictor.fit(store_records + run)
+            others = {name for split in splits for name in stage_names(split, names)} - recorded
+            for backend in BACKENDS:
+                rows = [timed[(model, name, backend)] for name in sorted(others)]
+                for predictor, errs in ((before, out[backend][0]), (after, out[backend][1])):
+                    errs.extend(errors(learned_times(predictor.models[("host", backend)], rows), rows))
+    return {backend: (np.array(a), np.array(b)) for backend, (a, b) in out.items()}
+
+
 def predictor_cost(predictor: Predictor, units_records) -> tuple[float, float, int, int]:
     """(seconds per (unit, backend) prediction, seconds to cost every unit of a
     LLaMA-7B-shaped model on the host fleet, its units, how many fell back to roofline)."""
@@ -446,19 +481,20 @@ def main(argv=None) -> int:
         phases = [("training", [r for r in store_records if r.backend == backend]),
                   ("held-out units", [r for r in units if r.backend == backend]),
                   ("held-out stages", [r for r in stages if r.backend == backend]),
-                  ("units again", [r for r in again if r.backend == backend])]
+                  ("timed again", [r for r in again if r.backend == backend])]
         refs = [r.reference_s for _, rows in phases for r in rows if r.reference_s > 0]
         if refs:
             print(f"{backend:<8} " + ", ".join(
                 f"{phase} {np.median([r.reference_s for r in rows]) * 1e6:.0f} us" for phase, rows in phases
                 if rows) + f"; p10-p90 over all records {np.percentile(refs, 10) * 1e6:.0f}-"
                 f"{np.percentile(refs, 90) * 1e6:.0f} us")
-    print("\nNoise floor: held-out units timed twice, minutes apart (no predictor can beat it)")
+    print("\nNoise floor: held-out units and stages timed twice, minutes apart (no predictor can beat it)")
     for backend in BACKENDS:
-        first = [r for r in units if r.backend == backend]
-        second = [r for r in again if r.backend == backend]
-        if len(first) == len(second) and first:
-            print(f"{backend:<8} {len(first):>4} units: |run 1 / run 2 - 1| {summary(noise_floor(first, second))}")
+        for level, records in (("units", units), ("stages", stages)):
+            first, second = paired([r for r in records if r.backend == backend], again)
+            if first:
+                print(f"{backend:<8} {len(first):>4} {level + ':':<7} |run 1 / run 2 - 1| "
+                      f"{summary(noise_floor(first, second))}")
     earlier = {(r.model, r.unit, r.backend): r for r in previous
                if not r.parts and not r.model.endswith(("-stages", "-repeat"))}
     for backend in BACKENDS:
@@ -492,6 +528,11 @@ def main(argv=None) -> int:
                     if level == "stage" else [np.zeros(0)] * 2)
                 print(f"{backend:<8} {level:<6} {family:<16} {len(rows):>4} | {summary(roof)} | "
                       f"{summary(plain)} | {summary(learned)} | {summary(oracle)} | {summary(joined)}")
+
+    print("\nContinuous learning: one split of a held-out model recorded as a run's stage times,")
+    print("the predictor refit; the stages of its other splits that the run did not time")
+    for backend, (before, after) in after_one_run(store_records, units, stages, splits_of).items():
+        print(f"{backend:<8} {len(before):>4} stages: before {summary(before)}   after {summary(after)}")
 
     print("\nAdaptation to a backend left out of training (held-out units + stages of it):")
     print(f"{'source -> target':<16} {'k':>3} {'median |err|':>12} {'<=10%':>6}")

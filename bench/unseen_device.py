@@ -50,6 +50,7 @@ from predictor import (  # noqa: E402
     errors,
     learned_times,
     noise_floor,
+    paired,
     roofline_times,
     split_records,
     summary,
@@ -82,15 +83,6 @@ def device_data(directory: Path):
         raise EdgeplanError(f"unseen_device: {', '.join(map(str, missing))} not found; --device-dir "
                             f"takes a folder of store.jsonl, heldout.jsonl and heldout_again.jsonl")
     return [ProfileStore(p).load() for p in paths]
-
-
-def paired(first, second) -> tuple[list, list]:
-    """The records of `first` and `second` of the same (model, unit, backend), in one order
-    (bench/predictor.py names a model's second timing "<model>-repeat")."""
-    again = {(r.model.removesuffix("-repeat"), r.unit, r.backend): r for r in second}
-    pairs = [(r, again[(r.model, r.unit, r.backend)]) for r in first
-             if (r.model, r.unit, r.backend) in again]
-    return [a for a, _ in pairs], [b for _, b in pairs]
 
 
 def direction(name, source_records, target_records, target_units, device, draws) -> None:
