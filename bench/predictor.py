@@ -260,18 +260,18 @@ def stage_names(split, unit_names) -> list[str]:
 
 def measure_held_out(predictor: Predictor, profile: Profiler):
     """Every held-out model's units and its stages (1..4 stages), timed in the same rounds,
-    and its units timed a second time after all models (the run-to-run noise floor); and
+    and all of them timed a second time after all models (the run-to-run noise floor); and
     the splits timed, per model."""
     measured, built, splits_of = [], [], {}
     for name, build in held_out_models():
         model, inputs = build()
-        built.append((name, model, inputs))
         features = [unit_features(u) for u in units_of(model, inputs)]
         splits_of[name] = held_out_splits(predictor, features)
-        splits = [list(range(len(features)))] + splits_of[name]
+        splits = [list(range(len(features)))] + splits_of[name]  # the units alone, then the splits
+        built.append((name, model, inputs, splits))
         measured += profile(model, inputs, name=name, splits=splits, progress=progress_line(name))
-    for name, model, inputs in built:
-        measured += profile(model, inputs, name=f"{name}-repeat", splits=splits_of[name],
+    for name, model, inputs, splits in built:
+        measured += profile(model, inputs, name=f"{name}-repeat", splits=splits,
                             progress=progress_line(f"{name} again"))
     return measured, splits_of
 

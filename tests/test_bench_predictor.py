@@ -1,0 +1,72 @@
+"""bench/predictor.py's continuous-learning measure and its pairing of second timings, on
+the committed xeon16 records (as this host's) with stages made up from their units: every
+stage runs 1.25x the sum of its units, which no unit record shows, so only a recorded run
+can teach it."""
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeplan.cli import load_module
+from edgeplan.planner.profile import ProfileStore, combine_features
+
+ROOT = Path(__file__).resolve().parent.parent
+XEON16 = ROOT / "bench" / "data" / "xeon16"
+STAGE_SLOWDOWN = 1.25
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_module(ROOT / "bench" / "predictor.py", "edgeplan_bench_predictor")
+
+
+def as_host(name: str):
+    return [dataclasses.replace(r, device="host") for r in ProfileStore(XEON16 / name).load()]
+
+
+def made_up_stages(bench, units, splits_of):
+    """A stage record per multi-unit stage of the splits: its units' summed time x STAGE_SLOWDOWN."""
+    stages = []
+    for model, splits in splits_of.items():
+        for backend in bench.BACKENDS:
+            rows = sorted((r for r in units if r.model == model and r.backend == backend),
+                          key=lambda r: r.unit_index)
+            for split in splits:
+                for index in range(split[-1] + 1):
+                    inside = [r for r, s in zip(rows, split) if s == index]
+                    if len(inside) < 2:
+                        continue
+                    seconds = STAGE_SLOWDOWN * sum(r.time_s for r in inside)
+                    parts = tuple(r.features for r in inside)
+                    stages.append(dataclasses.replace(
+                        inside[0], unit=bench.stage_label([r.unit for r in inside]), unit_index=index,
+                        features=combine_features(parts), parts=parts, median_s=seconds, quiet_s=seconds))
+    return stages
+
+
+def test_a_recorded_run_teaches_the_stages_of_other_splits(bench):
+    store, units = as_host("store.jsonl"), as_host("heldout.jsonl")
+    counts = {m: len({r.unit for r in units if r.model == m}) for m in {r.model for r in units}}
+    splits_of = {m: [bench.balanced_split(np.ones(n), stages) for stages in (2, 3)] for m, n in counts.items()}
+    measured = units + made_up_stages(bench, units, splits_of)
+    units, stages, _ = bench.split_records(measured, splits_of)
+    assert len(stages) == 2 * sum(2 + 3 for _ in counts)  # both backends; no one-unit stage here
+    for backend, (before, after) in bench.after_one_run(store, units, stages, splits_of).items():
+        # each split recorded once, the other one's stages judged: 5 stages per model and direction
+        assert len(before) == len(after) == sum(2 + 3 for _ in counts)
+        assert np.median(np.abs(before)) > 0.12  # the slowdown is news to the unit records
+        assert np.median(np.abs(after)) < 0.5 * np.median(np.abs(before))
+
+
+def test_second_timings_pair_with_their_first_by_name(bench):
+    first = as_host("heldout.jsonl")
+    # the same records as their own second timing, in another order: every pair is one record
+    a, b = bench.paired(first, [dataclasses.replace(r, model=r.model + "-repeat") for r in reversed(first)])
+    assert len(a) == len(first) == 2 * 22
+    assert (bench.noise_floor(a, b) == 0).all()
+    # the real second timing: a pair for every unit, and not the same times
+    a, b = bench.paired(first, [dataclasses.replace(r, model=r.model + "-repeat")
+                                for r in as_host("heldout_again.jsonl")])
+    assert len(a) == len(first) and np.median(np.abs(bench.noise_floor(a, b))) > 0
