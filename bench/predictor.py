@@ -19,8 +19,8 @@ One run, in order:
    stage is its unit), every stage exported as one ONNX file and timed exactly like the
    training data (same threads, same session settings, same statistics) in the same
    rounds as the model's units.
-3. The noise floor: the held-out units timed once more after everything else, median
-   |run 1 / run 2 - 1|; no predictor can be judged below it.
+3. The noise floor: the held-out units and stages timed once more after everything else,
+   median |run 1 / run 2 - 1|; no predictor can be judged below it.
 4. The table: median |error| and share within +-10 % of roofline (the `host` device
    preset's figures), of the additive law alone and of the learned predictor (additive x
    residual model), per unit and per stage, per backend; and for stages, each stage
@@ -28,9 +28,12 @@ One run, in order:
    predictor can do), and that plus the join model ("+ joins"). Before it, the join
    model's coefficients (or that it was dropped) and the reference workload's time per
    phase (drift).
-5. Adaptation: a predictor trained on one backend only, moved to the other from k = 0, 5,
+5. Continuous learning: each split of a held-out model recorded as a run records it (its
+   stage times) and the predictor refit; the stages of the model's other splits that the
+   run did not time, predicted before and after.
+6. Adaptation: a predictor trained on one backend only, moved to the other from k = 0, 5,
    10, 20 random samples of the other's training records (median over 10 draws).
-6. The predictor's cost: per predicted unit, and costing every unit of a LLaMA-7B-shaped
+7. The predictor's cost: per predicted unit, and costing every unit of a LLaMA-7B-shaped
    model (meta tensors) on the host fleet.
 
 This 2-vCPU VM slows down in spells of seconds (other tenants) that the load average
