@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/compress.py
 	$(BIN)/python bench/remote.py
 	$(BIN)/python bench/predictor.py
+	$(BIN)/python bench/plan_quality.py
 	$(BIN)/python bench/unseen_device.py
 	$(BIN)/python bench/merge.py
 	$(BIN)/python bench/targets.py --trials 16
