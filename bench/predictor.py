@@ -384,25 +384,25 @@ def adaptation_curve(store_records, eval_records, source_backend, target_backend
     return curve
 
 
-def after_one_run(store_records, units, stages, splits_of) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def after_one_run(before: Predictor, store_records, units, stages,
+                  splits_of) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Continuous learning (`edgeplan profile --from-run`, `compile --replan`): for each held-out
     model and each of its splits, that split's stages recorded as one run records them (stage
     times, no quiet round) and the predictor refit on the store plus them; then every stage of
-    the model's other splits that the run did not time, predicted before and after. Backend ->
-    (errors before, errors after)."""
+    the model's other splits that the run did not time, predicted before (by `before`, the
+    predictor of `store_records`) and after. Backend -> (errors before, errors after)."""
     timed = {(r.model, r.unit, r.backend): r for r in stages}
-    before = Predictor.fit(store_records)
     out = {backend: ([], []) for backend in BACKENDS}
     for model, splits in splits_of.items():
         names = [r.unit for r in sorted((r for r in units if r.model == model and r.backend == BACKENDS[0]),
                                         key=lambda r: r.unit_index)]
         for run_split in splits:
-            recorded = set(stage_names(run_split, names))
+            recorded = stage_names(run_split, names)  # in pipeline order, as a run records them
             run = [dataclasses.replace(timed[(model, name, backend)], quiet_s=0.0, reference_s=0.0,
                                        median_s=timed[(model, name, backend)].time_s, runtime="edgeplan run")
                    for name in recorded for backend in BACKENDS]
             after = Predictor.fit(store_records + run)
-            others = {name for split in splits for name in stage_names(split, names)} - recorded
+            others = {name for split in splits for name in stage_names(split, names)} - set(recorded)
             for backend in BACKENDS:
                 rows = [timed[(model, name, backend)] for name in sorted(others)]
                 for predictor, errs in ((before, out[backend][0]), (after, out[backend][1])):
@@ -534,7 +534,7 @@ def main(argv=None) -> int:
 
     print("\nContinuous learning: one split of a held-out model recorded as a run's stage times,")
     print("the predictor refit; the stages of its other splits that the run did not time")
-    for backend, (before, after) in after_one_run(store_records, units, stages, splits_of).items():
+    for backend, (before, after) in after_one_run(predictor, store_records, units, stages, splits_of).items():
         print(f"{backend:<8} {len(before):>4} stages: before {summary(before)}   after {summary(after)}")
 
     print("\nAdaptation to a backend left out of training (held-out units + stages of it):")

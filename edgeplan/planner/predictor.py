@@ -468,13 +468,14 @@ def _remember(model: LatencyModel, records: Sequence[UnitProfile]) -> LatencyMod
     """The model with a correction per measured computation, latest record last: units
     timed alone in `corrections`, units inside stages in `stage_corrections` (and in
     `corrections` where no record timed them alone)."""
-    keys_of = [[_key(part) for part in record.parts or (record.features,)] for record in records]
+    encoded = [model._encode_many(record.parts or (record.features,)) for record in records]
+    keys_of = [[tuple(plain) for plain in plains] for plains, _ in encoded]  # as _key builds them
     alone = {keys[0] for record, keys in zip(records, keys_of) if not record.parts}
     corrections: dict[tuple[float, ...], float] = {}
     in_stage: dict[tuple[float, ...], float] = {}
-    for record, keys in zip(records, keys_of):
+    for record, keys, parts_encoded in zip(records, keys_of, encoded):
         parts = record.parts or (record.features,)
-        bases = model.base_many(parts)
+        bases = model._base_encoded(*parts_encoded)
         base = float(bases.sum())
         if base <= 0 or record.time_s <= 0:
             continue
