@@ -461,7 +461,8 @@ class LatencyModel:
 
 
 def _key(features: dict[str, float]) -> tuple[float, ...]:
-    return tuple(feature_vector(features)[1:])
+    """A unit's key in the memories: its encoded plain values (`_encode`)."""
+    return tuple(_encode(features)[0])
 
 
 def _remember(model: LatencyModel, records: Sequence[UnitProfile]) -> LatencyModel:
