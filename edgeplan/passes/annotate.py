@@ -48,8 +48,8 @@ VIEW_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
             aten.squeeze.default, aten.flatten.using_ints, aten.alias.default,
             aten.contiguous.default, aten.unflatten.int, aten.split.Tensor,
             aten.chunk.default, aten.unbind.int, aten.detach.default, aten.dropout.default,
-            aten.clone.default, aten.to.dtype, aten._assert_tensor_metadata.default,
-            operator.getitem}
+            aten.clone.default, aten.to.dtype, aten.to.device,
+            aten._assert_tensor_metadata.default, operator.getitem}
 # Ops that only create shapes/constants: free, like views.
 SHAPE_OPS = {aten.arange.default, aten.arange.start, aten.arange.start_step, aten.zeros.default,
              aten.ones.default, aten.full.default, aten.scalar_tensor.default, aten.sym_size.int,

@@ -7,12 +7,18 @@ calling convention is replaced by flat positional inputs in a fixed order, and t
 graph returns a flat tuple of tensors; `gm.meta["edgeplan.signature"]` records the
 names of both (see `ModelSignature`).
 
+Context managers in a forward that change nothing for inference (`torch.no_grad()`,
+`torch.autocast(enabled=False)`, as around HF LLaMA's rotary embedding) come out of
+torch.export as a higher-order op calling a subgraph; capture inlines those subgraphs,
+so every op is a node of the one graph that later passes cost and split.
+
 Models whose parameters live on the `meta` device are captured without allocating
 weights; such a capture can be planned but not emitted.
 """
 
 from __future__ import annotations
 
+import operator
 import re
 from collections.abc import Mapping, Sequence
 
@@ -29,6 +35,8 @@ from edgeplan.passes.records import (
 )
 
 GUARDS_MODULE = "_guards_fn"
+SET_GRAD_WRAPPER = torch.ops.higher_order.wrap_with_set_grad_enabled
+AUTOCAST_WRAPPER = torch.ops.higher_order.wrap_with_autocast
 
 
 def numpy_dtype_name(dtype: torch.dtype) -> str:
@@ -104,6 +112,7 @@ def capture(model: torch.nn.Module, example_inputs, name: str | None = None) -> 
             gm.graph.erase_node(node)
     if hasattr(gm, GUARDS_MODULE):
         gm.delete_submodule(GUARDS_MODULE)
+    _inline_context_wrappers(gm)
     # Flat positional inputs and a flat tuple out: drop the pytree codegen and the
     # pre-hook that checks the original (args, kwargs) structure.
     gm.graph._codegen = torch.fx.graph.CodeGen()
@@ -139,6 +148,59 @@ def capture(model: torch.nn.Module, example_inputs, name: str | None = None) -> 
         on_meta=_is_on_meta(model, flat_inputs),
     )
     return gm
+
+
+def _wrapped_call(node: torch.fx.Node) -> tuple[torch.fx.Node, tuple] | None:
+    """(the get_attr of the subgraph, its operands) of a context wrapper that inference can
+    drop: grad mode on or off, or autocast switched off; None for any other node."""
+    if node.op != "call_function":
+        return None
+    if node.target is SET_GRAD_WRAPPER:
+        _enabled, body, *operands = node.args
+        return body, tuple(operands)
+    if node.target is AUTOCAST_WRAPPER:
+        _device, _dtype, enabled, _cache, body, *operands = node.args
+        return None if enabled else (body, tuple(operands))
+    return None
+
+
+def _inline_context_wrappers(gm: torch.fx.GraphModule) -> None:
+    """Replace each droppable context wrapper by a copy of its subgraph (in place); its
+    getitem readers read the copied outputs instead."""
+    for node in list(gm.graph.nodes):
+        wrapped = _wrapped_call(node)
+        if wrapped is None:
+            continue
+        body_node, operands = wrapped
+        body = fetch_attr(gm, body_node.target)
+        _inline_context_wrappers(body)  # nested contexts
+        placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+        env = dict(zip(placeholders, operands))
+        with gm.graph.inserting_before(node):
+            for inner in body.graph.nodes:
+                if inner.op == "get_attr":
+                    raise CaptureError(
+                        f"capture: the subgraph {body_node.target!r} under {node.name!r} reads "
+                        f"an attribute ({inner.target!r}); pass weights into the no_grad/autocast "
+                        f"block as arguments instead of reading them inside it"
+                    )
+                if inner.op == "call_function":
+                    env[inner] = gm.graph.node_copy(inner, lambda n: env[n])
+                elif inner.op == "output":
+                    results = pytree.tree_leaves(inner.args[0])
+        for reader in list(node.users):
+            if reader.target is not operator.getitem:
+                raise CaptureError(
+                    f"capture: {reader.name!r} reads the result of {node.name!r} whole; expected "
+                    f"getitem readers of a torch.export context wrapper"
+                )
+            reader.replace_all_uses_with(env[results[reader.args[1]]])
+            gm.graph.erase_node(reader)
+        gm.graph.erase_node(node)
+        if not body_node.users:
+            gm.graph.erase_node(body_node)
+            gm.delete_submodule(body_node.target)
+    gm.recompile()
 
 
 def bind_inputs(signature: ModelSignature, example_inputs) -> dict[str, torch.Tensor]:

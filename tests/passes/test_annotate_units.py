@@ -40,6 +40,36 @@ def test_linear_flops_and_bytes():
     assert sorted(p.param_bytes for p in params) == [16, 128]
 
 
+class RotaryTable(nn.Module):
+    """HF LLaMA's rotary embedding: cos/sin of positions x frequencies under torch.no_grad()
+    (torch.export wraps such a block in a higher-order op), with a nested autocast(enabled=False)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("inv_freq", torch.rand(4), persistent=False)
+
+    def forward(self, x):
+        with torch.no_grad():
+            angles = x[..., None] * self.inv_freq
+            with torch.autocast("cpu", enabled=False):
+                table = torch.cat([angles, angles], dim=-1)
+            return table.cos() * 2.0, table.sin()
+
+
+def test_no_grad_and_disabled_autocast_blocks_are_inlined_and_costed():
+    model, x = RotaryTable(), torch.randn(1, 6)
+    gm = annotate(capture(model, (x,)))
+    targets = [node.target for node in gm.graph.nodes if node.op == "call_function"]
+    assert not [t for t in targets if "wrap_with" in str(t)]
+    assert {torch.ops.aten.cos.default, torch.ops.aten.sin.default, torch.ops.aten.cat.default} <= set(targets)
+    elementwise = costs_by_kind(gm)["elementwise"]
+    # mul (1x6x4), cat, cos, the x2, sin (1x6x8 each): one FLOP per output element
+    assert sum(c.flops for c in elementwise) == 24 + 4 * 48
+    assert "other" not in {c.kind for c in elementwise}
+    for got, want in zip(gm(x), model(x)):
+        torch.testing.assert_close(got, want)
+
+
 class ConvOnly(nn.Module):
     def __init__(self):
         super().__init__()
