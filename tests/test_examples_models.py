@@ -105,5 +105,7 @@ def test_llama_style_cuts_like_hf_llama():
                                        "layers.3", "norm", "lm_head"]
     residual, tables = 16 * 128 * 4, 2 * 16 * 32 * 4
     assert [u.cut_bytes for u in units[1:6]] == [residual + tables] * 4 + [residual]
-    kinds = {m.kind for m in units[2].op_mix}
-    assert {"matmul", "attention", "elementwise", "reduce"} <= kinds and "norm" not in kinds
+    mix = {m.kind: m.count for m in units[2].op_mix}
+    # its two RMSNorms are one norm kernel each (their pow, mean, add, rsqrt, scale: fused)
+    assert mix["norm"] == 2 and mix["fused"] == 2 * 5 and "reduce" not in mix
+    assert {"matmul", "attention", "elementwise"} <= set(mix)

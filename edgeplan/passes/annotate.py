@@ -14,7 +14,10 @@ only output, and a ReLU/clamp/sigmoid/tanh/leaky ReLU that reads such a convolut
 its folded batch norm), are kind "fused", with no FLOPs or bytes of their own: inference
 runtimes fold them into the convolution (ONNX Runtime's Conv+BatchNormalization and
 Conv+activation fusions), so they cost nothing where the convolution runs in the same
-stage.
+stage. Likewise an RMSNorm written out (x * rsqrt(mean(x^2, -1) + eps), times a weight:
+HF LLaMA, Mistral, Qwen) is one kernel in ONNX Runtime (SimplifiedLayerNormalization):
+its last multiply is kind "norm", costed like a LayerNorm of its output, and the pow,
+mean, add, rsqrt and multiply before it are "fused".
 """
 
 from __future__ import annotations
@@ -158,7 +161,69 @@ def annotate(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
                 f"annotate: unexpected node {node.name!r} ({node.op} {node.target}); capture "
                 f"the model with edgeplan.passes.capture.capture"
             )
+    for node in gm.graph.nodes:
+        fused = _rms_norm_ops(node)
+        if fused is not None:
+            _cost_as_one_norm(fused)
     return gm
+
+
+def _readers(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The nodes reading `node`'s value (torch.export's metadata asserts do not)."""
+    return [user for user in node.users if user.target is not aten._assert_tensor_metadata.default]
+
+
+def _only_reader(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The one node reading `node`, looking through views of it (such as a cast to the
+    dtype it has); None if several read it."""
+    while len(readers := _readers(node)) == 1:
+        (reader,) = readers
+        if reader.meta[COST_KEY].kind != "view" or reader.target is operator.getitem:
+            return reader
+        node = reader
+    return None
+
+
+def _rms_norm_ops(rsqrt: torch.fx.Node) -> list[torch.fx.Node] | None:
+    """The nodes of an RMSNorm around `rsqrt` (pow(x, 2) -> mean(-1, keepdim) -> + eps ->
+    rsqrt -> x * it [-> * weight]), the last one last; None where `rsqrt` is not one."""
+    if rsqrt.target is not aten.rsqrt.default:
+        return None
+    add = rsqrt.args[0]
+    if not (isinstance(add, torch.fx.Node) and add.target is aten.add.Tensor
+            and isinstance(add.args[1], float) and len(_readers(add)) == 1):
+        return None
+    mean = add.args[0]
+    if not (isinstance(mean, torch.fx.Node) and mean.target is aten.mean.dim
+            and list(mean.args[1]) == [-1] and len(_readers(mean)) == 1):
+        return None
+    square = mean.args[0]
+    if not (isinstance(square, torch.fx.Node) and square.target is aten.pow.Tensor_Scalar
+            and square.args[1] == 2 and len(_readers(square)) == 1):
+        return None
+    x = square.args[0]
+    scale = _only_reader(rsqrt)
+    if scale is None or scale.target is not aten.mul.Tensor or set(scale.args) != {x, rsqrt}:
+        return None
+    fused = [square, mean, add, rsqrt, scale]
+    weighted = _only_reader(scale)
+    if (weighted is not None and weighted.target is aten.mul.Tensor
+            and any(isinstance(arg, torch.fx.Node) and arg.op == "get_attr" for arg in weighted.args)):
+        fused.append(weighted)
+    return fused
+
+
+def _cost_as_one_norm(fused: list[torch.fx.Node]) -> None:
+    """Re-cost an RMSNorm's ops as one norm kernel: it reads x and the weight and writes
+    the last op's output."""
+    *inner, last = fused
+    for node in inner:
+        node.meta[COST_KEY] = OpCost("fused", 0, 0, node.meta[COST_KEY].output_bytes)
+    out = _spec(last)
+    read = _spec(inner[0].args[0]).nbytes + sum(
+        _spec(arg).nbytes for arg in last.all_input_nodes if arg.op == "get_attr")
+    last.meta[COST_KEY] = OpCost("norm", NORM_FLOPS_PER_ELEMENT * _numel(out),
+                                 read + out.nbytes, out.nbytes)
 
 
 def _folds_into_conv(node: torch.fx.Node) -> bool:

@@ -162,6 +162,7 @@ def group_units(gm: torch.fx.GraphModule, granularity: str = "block") -> tuple[U
             unit_of[node] = min(unit_of[user] for user in node.users)
     for node, index in unit_of.items():
         node.meta[UNIT_KEY] = index
+    folded = _folded_on_load(compute, unit_of)
 
     live_bytes = _live_bytes_by_position(nodes, position)
     canonical = _canonical_weight_names(gm, nodes)
@@ -170,7 +171,7 @@ def group_units(gm: torch.fx.GraphModule, granularity: str = "block") -> tuple[U
     for index, run in enumerate(runs):
         last_position = position[run[-1]]
         first_position = position[run[0]]
-        costs: list[OpCost] = [n.meta[COST_KEY] for n in run]
+        costs: list[OpCost] = [n.meta[COST_KEY] for n in run if n not in folded]
         params = _unit_params(run, canonical)
         crossing = (_crossing(nodes, position, last_position)
                     if index < len(runs) - 1 else ())
@@ -184,13 +185,28 @@ def group_units(gm: torch.fx.GraphModule, granularity: str = "block") -> tuple[U
             param_bytes=sum(nbytes for _name, nbytes in params),
             param_names=tuple(name for name, _ in params),
             param_sizes=tuple(nbytes for _, nbytes in params),
-            activation_bytes=sum(c.output_bytes for c in costs),
+            activation_bytes=sum(n.meta[COST_KEY].output_bytes for n in run),
             peak_activation_bytes=int(max(live_bytes[first_position:last_position + 1])),
             cut_tensors=crossing,
             cut_bytes=sum(t.nbytes for t in crossing),
             op_mix=_op_mix(costs),
         ))
     return tuple(units)
+
+
+def _folded_on_load(compute: list[torch.fx.Node], unit_of: dict[torch.fx.Node, int]) -> set[torch.fx.Node]:
+    """The compute nodes a unit computes from constants alone: every input is a weight or
+    such a node of the same unit. ONNX exporters and ONNX Runtime fold them when the unit
+    is built or loaded (HF models' causal masks and position ids, built from shapes), so
+    they cost nothing per run. A node that reads a tensor from an earlier unit is not
+    folded: exported alone, the unit gets that tensor as an input (a stage holding both
+    units folds it; the unit records say what a unit costs alone)."""
+    folded: set[torch.fx.Node] = set()
+    for node in compute:
+        if all(arg.op == "get_attr" or (arg in folded and unit_of[arg] == unit_of[node])
+               for arg in node.all_input_nodes):
+            folded.add(node)
+    return folded
 
 
 def _op_mix(costs: list[OpCost]) -> tuple[OpMix, ...]:

@@ -183,9 +183,9 @@ def _column_kinds(knots: tuple[float, ...]) -> np.ndarray:
 def join_features(before: dict[str, float], after: dict[str, float]) -> np.ndarray:
     """The JOIN_BASIS values of the cut between two consecutive units' features."""
     nchw = float(before.get("cut_nchw_bytes", 0.0))
-    # Kind "norm" is LayerNorm (and the batch and group norms no convolution folds); an
-    # RMSNorm is traced as elementwise ops and reductions, which ORT fuses into a
-    # SkipSimplifiedLayerNormalization that costs no more than the ops it replaces.
+    # Kind "norm": LayerNorm, RMSNorm (annotate recognises its written-out ops), and the
+    # batch and group norms no convolution folds. After a residual add ORT fuses either
+    # into a Skip(Simplified)LayerNormalization when both run in one stage.
     layernorm = (0.0 if any(after.get(f"{kind}_count", 0.0) for kind in HEAVY_KINDS)
                  else float(after.get("norm_bytes", 0.0)))
     return np.array([1.0, nchw, float(before.get("cut_bytes", 0.0)) - nchw,

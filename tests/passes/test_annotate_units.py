@@ -141,6 +141,60 @@ def test_folded_norm_and_activation_join_their_convolution_unit():
     assert stem.cut_bytes == 8 * 4 * 4 * 4  # the activation after ReLU6, not the conv's output
 
 
+class WrittenOutRMSNorm(nn.Module):
+    """HF LLaMA's RMSNorm (casts to float32 around it), then one that squares by x ** 3."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(d) + 0.5)
+        self.other = nn.Parameter(torch.rand(d) + 0.5)
+
+    def forward(self, x):
+        x = x.to(torch.float32)
+        normed = self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.float32)
+        return self.other * (normed * torch.rsqrt(normed.pow(3).mean(-1, keepdim=True) + 1e-6))
+
+
+def test_written_out_rms_norm_is_one_norm_kernel():
+    gm = annotate(capture(WrittenOutRMSNorm(8), (torch.randn(2, 3, 8),)))
+    kinds = costs_by_kind(gm)
+    (norm,) = kinds["norm"]  # the second one is not an RMSNorm (x ** 3): left as it is
+    elements = 2 * 3 * 8
+    assert norm.flops == 5 * elements
+    assert norm.bytes_moved == 4 * (elements + 8 + elements)  # reads x and the weight, writes out
+    assert len(kinds["fused"]) == 5 and all(c.flops == 0 for c in kinds["fused"])
+    assert len(kinds["elementwise"]) == 5  # pow, add, rsqrt and two muls of the x ** 3 one
+    (unit,) = group_units(gm)
+    assert unit.op_count == 1 + 6  # the RMSNorm kernel, the other's six ops (mean: reduce)
+
+
+class ConstantMask(nn.Module):
+    """An embedding and a causal mask built from shapes alone (as HF models build theirs);
+    a linear layer that adds the mask, doubled there, to its output."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(16, 4)
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, ids):
+        steps = torch.arange(ids.shape[1])
+        allowed = (steps[:, None] >= steps[None, :]) & (steps[None, :] >= 0)
+        mask = torch.where(allowed, 0.0, -1e9)
+        return self.proj(self.embed(ids)) + mask * 2.0
+
+
+def test_ops_on_constants_alone_are_folded_in_their_unit_only():
+    gm = annotate(capture(ConstantMask(), (torch.randint(0, 16, (1, 4)),)))
+    embed, proj = group_units(gm)
+    # ge, ge, and, where: computed from shapes in the embedding's unit, folded when it loads
+    assert {m.kind: m.count for m in embed.op_mix} == {"embedding": 1}
+    assert embed.op_count == 1 and embed.flops == 0
+    # the doubling reads the mask from the unit before: an input of this unit, so it runs
+    assert {m.kind: m.count for m in proj.op_mix} == {"matmul": 1, "elementwise": 2}
+    assert any(t.shape == (4, 4) for t in embed.cut_tensors)
+
+
 class AttentionOnly(nn.Module):
     def forward(self, q, k, v):
         return F.scaled_dot_product_attention(q, k, v)
