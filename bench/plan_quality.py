@@ -19,7 +19,8 @@ sizes each):
    the best of the three.
 The table: per kind of pipeline and policy, the median and worst measured bottleneck over
 the best one (1.00 = picked the best split), and how often the policy's split was the best
-or within 2 % of it; and how far the learned predictor's bottleneck was from the measured.
+or within 2 % of it; and how far the learned predictor's bottleneck was from the measured;
+then every case where a policy's bottleneck was more than 10 % over the best, by model.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from edgeplan.planner.predictor import Predictor  # noqa: E402
 from edgeplan.planner.profile import ProfileStore  # noqa: E402
 
 POLICIES = ("roofline", "learned", "units measured")
+FAR_OFF = 1.10  # a bottleneck this much over the best split's is listed by model
 # A backend per stage: one backend throughout, or two unlike ones alternating.
 PIPELINES = tuple((backend,) * k for backend in BACKENDS for k in (2, 3, 4)) + (
     ("cpu1", "cpu2"), ("cpu2", "cpu1"), ("cpu1", "cpu2", "cpu1"), ("cpu2", "cpu1", "cpu2"))
@@ -108,6 +110,7 @@ def main(argv=None) -> int:
     # ratio[kind][policy] = measured bottleneck / best of the three, one per (model, pipeline)
     ratio = {kind_of(p): {policy: [] for policy in POLICIES} for p in PIPELINES}
     predicted_error = {kind: [] for kind in ratio}
+    far_off = []  # (policy, model, pipeline, ratio) of bottlenecks over 1.10x the best
     for name, build in held_out_models():
         model, inputs = build()
         units = profile(model, inputs, name=name, progress=progress_line(f"{name} units"))
@@ -133,6 +136,8 @@ def main(argv=None) -> int:
             best = min(bottleneck.values())
             for policy in POLICIES:
                 ratio[kind_of(pipeline)][policy].append(bottleneck[policy] / best)
+                if bottleneck[policy] > FAR_OFF * best:
+                    far_off.append((policy, name, pipeline, bottleneck[policy] / best))
 
     print("\nMeasured bottleneck (slowest stage) of each policy's split over the best of the three")
     print(f"{'pipelines':<12} {'cases':>5} {'policy':<15} {'median':>7} {'worst':>7} {'best':>6} {'<=2%':>6}")
@@ -145,6 +150,11 @@ def main(argv=None) -> int:
         e = np.abs(errs)
         print(f"{kind:<12} learned bottleneck predicted vs measured: median |error| "
               f"{np.median(e) * 100:.1f} %, within 10 % {np.mean(e <= 0.1) * 100:.0f} %")
+    print(f"\nBottlenecks more than {(FAR_OFF - 1) * 100:.0f} % over the best, by policy and model")
+    for policy in POLICIES:
+        cases = sorted((c for c in far_off if c[0] == policy), key=lambda c: (c[1], -c[3]))
+        print(f"{policy:<15} {len(cases):>2}: " + (", ".join(
+            f"{model} {'-'.join(pipeline)} {r:.2f}" for _, model, pipeline, r in cases) or "none"))
     print(f"total {time.perf_counter() - started:.0f} s; load average now {os.getloadavg()[0]:.2f}")
     return 0
 
