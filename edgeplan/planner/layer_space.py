@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgeplan.planner.profile import LAYER_SPACE_PREFIX
+
 FAMILIES = ("linear", "matmul", "conv", "attention", "norm", "elementwise", "llama_block",
             "separable_block")
 
@@ -318,7 +320,7 @@ def layer_space(samples: int = 12, seed: int = 0, families: tuple[str, ...] = FA
             layers.append(layer)
             inputs.append(x)
             descriptions.append(description)
-        yield f"layers-{family}", LayerBank(layers).eval(), tuple(inputs), tuple(descriptions)
+        yield f"{LAYER_SPACE_PREFIX}{family}", LayerBank(layers).eval(), tuple(inputs), tuple(descriptions)
 
 
 __all__ = ["FAMILIES", "LayerBank", "layer_space"]

@@ -98,6 +98,8 @@ from edgeplan.errors import EdgeplanError
 FORMAT = "edgeplan-profile"
 VERSION = 1
 DEVICE = "host"
+# Records of the sampled layer space (planner/layer_space.py) are named "<prefix><family>".
+LAYER_SPACE_PREFIX = "layers-"
 OP_KINDS = ("matmul", "conv", "depthwise", "attention", "norm", "elementwise", "reduce",
             "embedding", "view", "fused", "other")
 # A run is an outlier when it lies more than this many scaled MADs from the median.

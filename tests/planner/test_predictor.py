@@ -255,6 +255,24 @@ def test_size_binned_law_is_chosen_where_op_size_bends_the_rate():
                          for i, r in enumerate(synthetic_records(300, seed=43))]) == ()
 
 
+def test_size_bins_are_judged_on_left_out_models_with_the_layer_space_kept(monkeypatch):
+    records = op_size_records(320, seed=41)
+    # half the units from four sampled layer families, half from four models
+    named = [UnitProfile(**{**r.__dict__, "model": f"layers-kind{i % 4}" if i % 2 else f"model{i % 8}-{i}"})
+             for i, r in enumerate(records)]
+    fits = []
+    real_nnls = predictor_module._relative_nnls
+    monkeypatch.setattr(predictor_module, "_relative_nnls",
+                        lambda x, y: fits.append(len(y)) or real_nnls(x, y))
+    assert choose_knots(named) == SIZE_KNOTS
+    # each of the 4 models left out once per law, every layer family in every fit
+    assert len(fits) == 2 * 4 and all(n == len(named) - 40 for n in fits)
+    fits.clear()
+    layers_only = [UnitProfile(**{**r.__dict__, "model": f"layers-kind{i % 4}"}) for i, r in enumerate(records)]
+    assert choose_knots(layers_only) == SIZE_KNOTS
+    assert len(fits) == 2 * 4  # no models: the layer families are left out instead
+
+
 def test_residual_model_follows_size_dependent_efficiency(monkeypatch):
     # on the plain law: the size-binned one would take part of the bend itself
     monkeypatch.setattr(predictor_module, "choose_knots", lambda records: ())
