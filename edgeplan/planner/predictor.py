@@ -11,12 +11,13 @@ non-negative least squares on relative errors (each record's row divided by its 
 time), so small and large units weigh alike. A stage-level record (a run's measured stage
 time, its features summed over the stage's units) is one more row of the same system.
 
-Measured units are remembered: every record leaves a correction factor (measured /
-predicted) for the exact computation it timed (its feature vector), the latest record
-winning, in two memories. A unit timed alone corrects the unit alone (`corrections`); a
-stage (profiled, or measured in a run) spreads its one factor over its units as they run
-inside a stage (`stage_corrections`), and over the unit alone only where no record timed
-it alone. A unit alone is predicted from the first, a stage of several units and the
+Measured units are remembered: records leave correction factors (measured / predicted)
+for the exact computations they timed (feature vectors), in two memories. A unit timed
+alone corrects the unit alone (`corrections`, the latest record winning). Stages
+(profiled, or measured in a run) give their units one factor each as they run inside a
+stage (`stage_corrections`), fitted to all stage records at once (`_stage_factors`: where
+one stage is all there is, its one factor spread over its units), and correct the unit
+alone only where no record timed it alone. A unit alone is predicted from the first, a stage of several units and the
 planner's cost tables from the second, then the first: inside a stage a unit need not run
 as it ran alone (an LM head timed 65 us alone and 98 us a unit of its stages), and a stage
 of a run is what measurements from runs bring to the next plan (`edgeplan profile
@@ -130,6 +131,9 @@ RESIDUAL_NEIGHBORS = 4
 RESIDUAL_REACH = 2.0
 # The join model's features of a cut (module docstring) and the fewest stage records
 # (from at least two models) it is fitted on.
+# Pull of each stage-memory factor towards its stages' own factors (squared relative
+# error per unit of factor): small, so that the stage records decide where they can.
+STAGE_MEMORY_RIDGE = 1e-3
 JOIN_BASIS = ("cut", "nchw_bytes", "other_bytes", "weight_bytes", "layernorm_bytes")
 # Op kinds that make a unit more than pointwise work (what ORT cannot fuse with a neighbour).
 HEAVY_KINDS = ("matmul", "conv", "depthwise", "attention", "embedding")
@@ -471,30 +475,58 @@ def _key(features: dict[str, float]) -> tuple[float, ...]:
 
 
 def _remember(model: LatencyModel, records: Sequence[UnitProfile]) -> LatencyModel:
-    """The model with a correction per measured computation, latest record last: units
-    timed alone in `corrections`, units inside stages in `stage_corrections` (and in
+    """The model with a correction per measured computation: units timed alone in
+    `corrections` (latest record last), units inside stages in `stage_corrections` (and in
     `corrections` where no record timed them alone)."""
     encoded = [model._encode_many(record.parts or (record.features,)) for record in records]
     keys_of = [[tuple(plain) for plain in plains] for plains, _ in encoded]  # as _key builds them
-    alone = {keys[0] for record, keys in zip(records, keys_of) if not record.parts}
     corrections: dict[tuple[float, ...], float] = {}
-    in_stage: dict[tuple[float, ...], float] = {}
+    stages = []  # (keys, bases, target) of every stage record
     for record, keys, parts_encoded in zip(records, keys_of, encoded):
         parts = record.parts or (record.features,)
         bases = model._base_encoded(*parts_encoded)
-        base = float(bases.sum())
-        if base <= 0 or record.time_s <= 0:
+        if bases.sum() <= 0 or record.time_s <= 0:
             continue
-        # predict_stage subtracts c_run per extra part and adds the joins: the factor makes
-        # it hit the record.
+        # predict_stage subtracts c_run per extra part and adds the joins: the target is
+        # what the parts' corrected predictions must add up to for it to hit the record.
         joins = float(model.joins(parts, bases).sum())
-        factor = max(record.time_s + (len(parts) - 1) * model.run_overhead_s - joins, 1e-12) / base
-        for key in keys:
-            if record.parts:
-                in_stage[key] = factor
-            if not record.parts or key not in alone:
-                corrections[key] = factor
+        target = max(record.time_s + (len(parts) - 1) * model.run_overhead_s - joins, 1e-12)
+        if record.parts:
+            stages.append((keys, bases, target))
+        else:
+            corrections[keys[0]] = target / float(bases.sum())
+    in_stage = _stage_factors(stages)
+    corrections.update({key: factor for key, factor in in_stage.items() if key not in corrections})
     return dataclasses.replace(model, corrections=corrections, stage_corrections=in_stage)
+
+
+def _stage_factors(stages: Sequence[tuple[list, np.ndarray, float]]) -> dict[tuple[float, ...], float]:
+    """One factor per computation inside stages that fits every stage record at once
+    (least squares on relative errors), pulled by STAGE_MEMORY_RIDGE towards the mean of
+    the factors of the stages it is in (a stage's one factor spread over its units, the
+    whole answer where one stage is all there is). So identical blocks in several stages
+    take what the stages of blocks alone say, and a stage's other units (an LM head that
+    runs slower inside a stage) take the rest, instead of the last stage's factor."""
+    if not stages:
+        return {}
+    index: dict[tuple[float, ...], int] = {}
+    for keys, _, _ in stages:
+        for key in keys:
+            index.setdefault(key, len(index))
+    rows = np.zeros((len(stages), len(index)))
+    prior_sum, prior_count = np.zeros(len(index)), np.zeros(len(index))
+    for i, (keys, bases, target) in enumerate(stages):
+        columns = [index[key] for key in keys]
+        np.add.at(rows[i], columns, bases / target)
+        distinct = sorted(set(columns))
+        prior_sum[distinct] += target / float(bases.sum())
+        prior_count[distinct] += 1
+    prior = prior_sum / prior_count
+    pull = math.sqrt(STAGE_MEMORY_RIDGE)
+    factors = np.linalg.lstsq(np.vstack([rows, pull * np.eye(len(index))]),
+                              np.concatenate([np.ones(len(stages)), pull * prior]), rcond=None)[0]
+    factors = np.where(factors > 0, factors, prior)
+    return {key: float(factors[j]) for key, j in index.items()}
 
 
 def fit_joins(records: Sequence[UnitProfile], run_overhead_s: float) -> np.ndarray | None:

@@ -136,6 +136,33 @@ def test_measured_units_are_predicted_as_measured():
     assert model.predict(unseen.features) != pytest.approx(model.base(unseen.features), rel=0.1)
 
 
+def test_stage_records_are_fitted_together_not_last_one_wins():
+    """Two stages: two identical blocks, then a block and a head that runs 1.5x its
+    prediction inside stages. The blocks keep the factor their own stage says (1.1), the
+    head takes the rest, so a three-block stage nobody timed is predicted right."""
+    records = synthetic_records(100, seed=5)
+    block, head = (r.features for r in synthetic_records(2, seed=31))
+    model = fit_model(records, "host", "cpu1")
+    (p_block, p_head), c_run = model.predict_many([block, head]), model.run_overhead_s
+
+    def stage_record(parts, true_times):
+        seconds = sum(true_times) - (len(parts) - 1) * c_run + model.joins(
+            parts, model.predict_many(parts)).sum()
+        return UnitProfile(**{**records[0].__dict__, "unit": f"stage{len(parts)}", "parts": tuple(parts),
+                              "features": combine_features(parts), "median_s": seconds,
+                              "p10_s": seconds, "p90_s": seconds})
+
+    blocks = stage_record([block, block], [1.1 * p_block] * 2)
+    mixed = stage_record([block, head], [1.1 * p_block, 1.5 * p_head])
+    fitted = fit_model(records + [blocks, mixed], "host", "cpu1")
+    for record in (blocks, mixed):
+        assert fitted.predict_stage(record.parts) == pytest.approx(record.median_s, rel=1e-3)
+    three = [block] * 3
+    expected = 3 * 1.1 * p_block - 2 * c_run + model.joins(three, model.predict_many(three)).sum()
+    assert fitted.predict_stage(three) == pytest.approx(expected, rel=1e-3)
+    assert fitted.predict(head) == pytest.approx(1.5 * p_head, rel=1e-3)  # never timed alone
+
+
 # What a cut inside a stage adds: per cut, per byte of 4-D and of other tensors crossing,
 # per byte of the two units' weights, per LayerNorm byte of a pointwise-only unit after it
 # (JOIN_BASIS).
