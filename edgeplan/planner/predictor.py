@@ -47,8 +47,9 @@ op kind's share of the unit's additive time; standardized), and a unit is predic
 additive * exp(w * r), r the distance-weighted mean residual of its nearest training
 units, shrunk towards 0 as the unit lies farther from them than training units lie from
 each other. The neighbour count, the weight of the kind shares in the distance and w are
-chosen by leave-one-family-out error on the training units: each unit predicted from the
-units of other model families only, as a model never profiled will be (w = 0 where other
+chosen by leave-one-family-out error on the training units of models (the layer space's
+units serve as neighbours and are not judged): each unit predicted from the units of
+other model families only, as a model never profiled will be (w = 0 where other
 families' residuals do not predict a family's units). A family is a model name up to its
 first "-<digit>" (`model_family`): the sizes of one model ("gpt-2-128-4", "gpt-2-256-4")
 share their code, so a residual that carries over from one size to the next says little
@@ -319,7 +320,9 @@ class ResidualModel:
         Leave-one-group-out (`groups`: the model family each unit comes from; default: each
         unit its own group) picks how much the kind shares count next to the size (0: size
         only), the neighbour count and the weight of the residual: each unit is predicted
-        from the units of other groups only, as a model never profiled will be.
+        from the units of other groups only, as a model never profiled will be, and the
+        error is judged on the models' units (the layer space's where there are no others):
+        a new model is new code over sampled op kinds, not a new layer family (choose_knots).
         """
         if len(features) < 2 * RESIDUAL_NEIGHBORS:
             return None
@@ -331,7 +334,10 @@ class ResidualModel:
         size_columns = 4
         labels = np.array(list(groups) if groups is not None else range(len(residuals)), dtype=object)
         same_group = labels[:, None] == labels[None, :]
-        best_error, best = float(np.mean(np.abs(residuals))), None
+        judged = np.array([not str(label).startswith(LAYER_SPACE_PREFIX) for label in labels])
+        if not judged.any():
+            judged[:] = True
+        best_error, best = float(np.mean(np.abs(residuals[judged]))), None
         for share_weight in (0.0, 0.3, 1.0):
             scale = 1.0 / spread
             scale[size_columns:] *= share_weight
@@ -349,7 +355,7 @@ class ResidualModel:
                     break
                 held_out = model._local(distances, neighbors)  # each unit from the others
                 for weight in (0.25, 0.5, 0.75, 1.0):
-                    error = float(np.mean(np.abs(residuals - weight * held_out)))
+                    error = float(np.mean(np.abs(residuals - weight * held_out)[judged]))
                     if error < best_error:
                         best_error, best = error, (model, neighbors, weight)
         if best is None:

@@ -30,6 +30,7 @@ from edgeplan.planner.predictor import (
     LearnedCostModel,
     Predictor,
     PredictorError,
+    ResidualModel,
     adapt,
     choose_knots,
     feature_vector,
@@ -298,6 +299,23 @@ def test_size_bins_are_judged_on_left_out_models_with_the_layer_space_kept(monke
     layers_only = [UnitProfile(**{**r.__dict__, "model": f"layers-kind{i % 4}"}) for i, r in enumerate(records)]
     assert choose_knots(layers_only) == SIZE_KNOTS
     assert len(fits) == 2 * 4  # no models: the layer families are left out instead
+
+
+def test_residual_weight_is_judged_on_left_out_models_not_layer_families():
+    """Small sampled layers whose two families' residuals disagree (+0.5 / -0.5: no
+    family predicts the other's), and large units of four models sharing one residual
+    (+0.3). Judged on every family, the disagreement decides (weight 0); judged on the
+    models, as a new model is, the residual carries over."""
+    small = [r.features for r in synthetic_records(80, seed=51)]
+    large = [{k: v * 1e3 if k.endswith(("_flops", "_bytes")) or k in ("flops", "bytes_moved") else v
+              for k, v in f.items()} for f in (r.features for r in synthetic_records(80, seed=52))]
+    groups = [f"layers-kind{i % 2}" for i in range(80)] + [f"model{i % 4}" for i in range(80)]
+    residuals = np.array([0.5 if i % 2 else -0.5 for i in range(80)] + [0.3] * 80)
+    fitted = ResidualModel.fit(TRUE_COEF, small + large, residuals, groups=groups)
+    assert fitted.weight > 0.5
+    assert np.median(fitted.predict(large)) > 0.15  # the models' +0.3 carries over
+    only_layers = ResidualModel.fit(TRUE_COEF, small, residuals[:80], groups=groups[:80])
+    assert only_layers.weight == 0.0  # no models: the layer families are judged
 
 
 def test_residual_model_follows_size_dependent_efficiency(monkeypatch):
