@@ -17,11 +17,11 @@ alone corrects the unit alone (`corrections`, the latest record winning). Stages
 (profiled, or measured in a run) give their units one factor each as they run inside a
 stage (`stage_corrections`), fitted to all stage records at once (`_stage_factors`: where
 one stage is all there is, its one factor spread over its units), and correct the unit
-alone only where no record timed it alone. A unit alone is predicted from the first, a stage of several units and the
-planner's cost tables from the second, then the first: inside a stage a unit need not run
-as it ran alone (an LM head timed 65 us alone and 98 us a unit of its stages), and a stage
-of a run is what measurements from runs bring to the next plan (`edgeplan profile
---from-run`, `edgeplan compile --replan`).
+alone only where no record timed it alone. A unit alone is predicted from the first, a
+stage of several units and the planner's cost tables from the second, then the first:
+inside a stage a unit need not run as it ran alone (an LM head timed 65 us alone and 98 us
+a unit of its stages), and a stage of a run is what measurements from runs bring to the
+next plan (`edgeplan profile --from-run`, `edgeplan compile --replan`).
 
 Adaptation. A backend with fewer than MIN_FIT_RECORDS records is not fitted on its own:
 it starts from the known backend whose model explains its few samples best, rescales it
@@ -130,11 +130,11 @@ ADAPT_RIDGE = 0.04
 # before its residual is halved.
 RESIDUAL_NEIGHBORS = 4
 RESIDUAL_REACH = 2.0
-# The join model's features of a cut (module docstring) and the fewest stage records
-# (from at least two models) it is fitted on.
 # Pull of each stage-memory factor towards its stages' own factors (squared relative
 # error per unit of factor): small, so that the stage records decide where they can.
 STAGE_MEMORY_RIDGE = 1e-3
+# The join model's features of a cut (module docstring) and the fewest stage records
+# (from at least two models) it is fitted on.
 JOIN_BASIS = ("cut", "nchw_bytes", "other_bytes", "weight_bytes", "layernorm_bytes")
 # Op kinds that make a unit more than pointwise work (what ORT cannot fuse with a neighbour).
 HEAVY_KINDS = ("matmul", "conv", "depthwise", "attention", "embedding")
