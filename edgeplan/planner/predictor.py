@@ -209,6 +209,12 @@ def model_family(model: str) -> str:
     return _FAMILY_END.split(model, maxsplit=1)[0]
 
 
+def is_model_family(family: str) -> bool:
+    """Whether a family is a model's, not one of the sampled layer space's: the families
+    the size bins and the residual model are judged on (`choose_knots`)."""
+    return not family.startswith(LAYER_SPACE_PREFIX)
+
+
 def kinds_of(features: dict[str, float]) -> frozenset[str]:
     return frozenset(k for k in PREDICTED_KINDS if features.get(f"{k}_count", 0.0) > 0)
 
@@ -334,7 +340,7 @@ class ResidualModel:
         size_columns = 4
         labels = np.array(list(groups) if groups is not None else range(len(residuals)), dtype=object)
         same_group = labels[:, None] == labels[None, :]
-        judged = np.array([not str(label).startswith(LAYER_SPACE_PREFIX) for label in labels])
+        judged = np.array([is_model_family(str(label)) for label in labels])
         if not judged.any():
             judged[:] = True
         best_error, best = float(np.mean(np.abs(residuals[judged]))), None
@@ -597,7 +603,7 @@ def choose_knots(records: Sequence[UnitProfile]) -> tuple[float, ...]:
     families = set(labels)
     if len(families) < 2:
         return ()
-    models = {f for f in families if not f.startswith(LAYER_SPACE_PREFIX)} or families
+    models = {family for family in families if is_model_family(family)} or families
     y = np.array([r.time_s for r in records])
     errors = {}
     for knots in ((), SIZE_KNOTS):
