@@ -43,6 +43,7 @@ from predictor import (  # noqa: E402
     progress_line,
     roofline_times,
     stage_names,
+    unit_names,
     zoo_models,
 )
 
@@ -118,8 +119,7 @@ def main(argv=None) -> int:
         splits = list(dict.fromkeys(tuple(split) for split in chosen.values()))
         stages = profile(model, inputs, name=f"{name}-splits", splits=[list(s) for s in splits],
                          progress=progress_line(f"{name} splits"))
-        names = [r.unit for r in sorted((r for r in units if r.backend == BACKENDS[0]),
-                                        key=lambda r: r.unit_index)]
+        names = unit_names(units, name)
         timed = {(r.unit, r.backend): r for r in stages}
         for pipeline in PIPELINES:
             if len(pipeline) > len(names):

@@ -252,13 +252,13 @@ def held_out_splits(predictor: Predictor, unit_features) -> list[list[int]]:
     return [balanced_split(per_unit, count) for count in range(1, min(4, len(per_unit)) + 1)]
 
 
-def stage_names(split, unit_names) -> list[str]:
-    """The record name (`unit` field) of every stage of a split."""
-    names = []
+def stage_names(split, names) -> list[str]:
+    """The record name (`unit` field) of every stage of a split, `names` the units' names."""
+    labels = []
     for stage in range(split[-1] + 1):
-        inside = [name for name, s in zip(unit_names, split) if s == stage]
-        names.append(stage_label(inside))
-    return names
+        inside = [name for name, s in zip(names, split) if s == stage]
+        labels.append(stage_label(inside))
+    return labels
 
 
 def measure_held_out(predictor: Predictor, profile: Profiler):
@@ -279,6 +279,12 @@ def measure_held_out(predictor: Predictor, profile: Profiler):
     return measured, splits_of
 
 
+def unit_names(unit_records, model: str) -> list[str]:
+    """The names of `model`'s units, in graph order, from its unit records."""
+    return [r.unit for r in sorted((r for r in unit_records if r.model == model and r.backend == BACKENDS[0]),
+                                   key=lambda r: r.unit_index)]
+
+
 def split_records(measured, splits_of: dict[str, list[list[int]]]):
     """(units, stages, again) of the held-out records: stages are the distinct stages of
     the splits timed (`splits_of`: model -> splits), a one-unit stage being its unit's
@@ -288,10 +294,9 @@ def split_records(measured, splits_of: dict[str, list[list[int]]]):
     by_name = {(r.model, r.unit, r.backend): r for r in measured}
     stages = {}
     for model, splits in splits_of.items():
-        rows = sorted((r for r in units if r.model == model and r.backend == "cpu1"),
-                      key=lambda r: r.unit_index)
+        names = unit_names(units, model)
         for split in splits:
-            for stage in stage_names(split, [r.unit for r in rows]):
+            for stage in stage_names(split, names):
                 stages.update({(model, stage, b): by_name[(model, stage, b)] for b in BACKENDS})
     return units, list(stages.values()), again
 
@@ -394,8 +399,7 @@ def after_one_run(before: Predictor, store_records, units, stages,
     timed = {(r.model, r.unit, r.backend): r for r in stages}
     out = {backend: ([], []) for backend in BACKENDS}
     for model, splits in splits_of.items():
-        names = [r.unit for r in sorted((r for r in units if r.model == model and r.backend == BACKENDS[0]),
-                                        key=lambda r: r.unit_index)]
+        names = unit_names(units, model)
         for run_split in splits:
             recorded = stage_names(run_split, names)  # in pipeline order, as a run records them
             run = [dataclasses.replace(timed[(model, name, backend)], quiet_s=0.0, reference_s=0.0,
