@@ -6,7 +6,10 @@ non-tensor values) and `node.meta["edgeplan.cost"]` (OpCost). The graph is not c
 
 FLOP rules (multiply-add = 2 FLOPs): linear/matmul family 2*M*N*K; convolution
 2*out_elems*(C_in/groups)*prod(kernel) (kind "depthwise" when every filter reads one
-channel of a multi-channel input, else "conv"); scaled-dot-product attention 4*B*H*L*S*E plus the
+channel of a multi-channel input; "stem" for a dense 2-D one reading fewer than
+STEM_CHANNELS channels, which ONNX Runtime runs with a kernel of its own that reads the
+NCHW input as it is, several times slower per FLOP: image stems; else "conv");
+scaled-dot-product attention 4*B*H*L*S*E plus the
 softmax; norms and softmax 5 per output element; other elementwise ops and reductions one
 per element; views, embedding gathers and shape ops none. Views alias their input, so
 they carry no bytes of their own. An inference batch norm that reads a convolution's
@@ -63,6 +66,9 @@ FOLDED_ACTIVATION_OPS = {aten.relu.default, aten.relu6.default, aten.hardtanh.de
                          aten.clamp.default, aten.sigmoid.default, aten.tanh.default,
                          aten.leaky_relu.default}
 NORM_FLOPS_PER_ELEMENT = 5
+# ONNX Runtime's NCHWc block on AVX-512 hosts (8 with AVX2): a dense conv reading fewer
+# channels reads its input in NCHW (kind "stem"; passes/units.py: layout reorders).
+STEM_CHANNELS = 16
 SOFTMAX_FLOPS_PER_ELEMENT = 5
 
 
@@ -96,7 +102,13 @@ def _flops(node: torch.fx.Node, out: TensorSpec | None) -> tuple[str, int]:
         # and far slower per FLOP than a dense one, so its own kind for latency predictors.
         depthwise = (weight is not None and inputs is not None and len(inputs.shape) > 1
                      and weight.shape[1] == 1 and inputs.shape[1] > 1)
-        return "depthwise" if depthwise else "conv", 2 * out_elems * per_output
+        if depthwise:
+            return "depthwise", 2 * out_elems * per_output
+        # Image stems ran 36-44 GFLOP/s here where convs of their size reading 16+
+        # channels ran 50-100 (module docstring)
+        reads_nchw = (weight is not None and inputs is not None and len(inputs.shape) == 4
+                      and weight.shape[1] == inputs.shape[1] < STEM_CHANNELS)
+        return "stem" if reads_nchw else "conv", 2 * out_elems * per_output
     if target in ATTENTION_OPS:
         q, k = _spec(args[0]), _spec(args[1])
         if q is None or k is None:
@@ -239,7 +251,7 @@ def _folds_into_conv(node: torch.fx.Node) -> bool:
     cost = producer.meta.get(COST_KEY)
     if cost is None:
         return False
-    if cost.kind in ("conv", "depthwise"):
+    if cost.kind in ("conv", "stem", "depthwise"):
         return True
     # An activation after a batch norm that is itself folded into a convolution.
     return (node.target in FOLDED_ACTIVATION_OPS and cost.kind == "fused"

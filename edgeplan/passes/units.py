@@ -14,11 +14,14 @@ strided stem convolution took 16 us on its own here, nothing folded).
 Writes `node.meta["edgeplan.unit"]` (unit index) on every compute and weight node and
 returns the Unit records. Each unit knows the tensors that cross the cut after it: every
 tensor defined at or before its last node and used after it, so a cut inside a residual
-region passes (and pays for) the skip tensor too.
+region passes (and pays for) the skip tensor too. A unit's op mix also holds the kernels
+ONNX Runtime adds when the unit runs alone and the graph does not show: the reorders into
+and out of its blocked convolution layout (kind "layout", `_layout_reorders`).
 """
 
 from __future__ import annotations
 
+import operator
 import re
 from dataclasses import dataclass
 
@@ -26,6 +29,7 @@ import torch
 import torch.fx
 
 from edgeplan.errors import CaptureError
+from edgeplan.passes.annotate import CONV_OPS, STEM_CHANNELS
 from edgeplan.passes.capture import fetch_attr
 from edgeplan.passes.records import (
     COST_KEY,
@@ -37,7 +41,17 @@ from edgeplan.passes.records import (
 )
 
 GRANULARITIES = ("block", "layer")
-HEAVY_KINDS = frozenset({"matmul", "conv", "depthwise", "attention"})
+aten = torch.ops.aten
+HEAVY_KINDS = frozenset({"matmul", "conv", "stem", "depthwise", "attention"})
+# ONNX Runtime's CPU convolutions run in a blocked channel layout (NCHWc) of MLAS's block
+# size (annotate.STEM_CHANNELS: 16 channels with AVX-512, 8 with AVX2, which differ only
+# for 8-15 channels); blocked convs read channels in multiples of this.
+CHANNEL_ALIGNMENT = 4
+# Ops ONNX Runtime keeps in NCHWc when every tensor input is (`_layout_reorders`); it runs
+# hardswish as HardSigmoid and Mul, both blocked.
+NCHWC_OPS = {aten.add.Tensor, aten.mul.Tensor, aten.relu.default, aten.sigmoid.default,
+             aten.tanh.default, aten.hardswish.default, aten.hardsigmoid.default,
+             aten.max_pool2d.default, aten.avg_pool2d.default, aten.cat.default, operator.getitem}
 _INDEX = re.compile(r"^\d+$")
 
 
@@ -189,9 +203,75 @@ def group_units(gm: torch.fx.GraphModule, granularity: str = "block") -> tuple[U
             peak_activation_bytes=int(max(live_bytes[first_position:last_position + 1])),
             cut_tensors=crossing,
             cut_bytes=sum(t.nbytes for t in crossing),
-            op_mix=_op_mix(costs),
+            op_mix=_op_mix(costs) + _layout_reorders(run),
         ))
     return tuple(units)
+
+
+def _blocked_conv(node: torch.fx.Node) -> tuple[bool, bool]:
+    """(runs in NCHWc, reorders its input) of a convolution in ONNX Runtime's NCHWc
+    transformer (probed on ONNX Runtime 1.32): a 2-D depthwise conv of aligned channels,
+    or a dense one reading aligned channels or fewer than a block (read as they are:
+    image stems); grouped convs and dense ones of 18 or 22 channels stay NCHW."""
+    if node.target not in CONV_OPS or len(node.args) < 2:
+        return False, False
+    inputs, weight = (arg.meta.get(TENSOR_KEY) if isinstance(arg, torch.fx.Node) else None
+                      for arg in node.args[:2])
+    if inputs is None or weight is None or len(inputs.shape) != 4 or len(weight.shape) != 4:
+        return False, False
+    c_out, c_in = weight.shape[0], inputs.shape[1]
+    if weight.shape[1] == 1 and c_in == c_out and c_in > 1:  # depthwise
+        aligned = c_out % CHANNEL_ALIGNMENT == 0
+        return aligned, aligned
+    if weight.shape[1] != c_in:  # grouped
+        return False, False
+    if c_in < STEM_CHANNELS:
+        return True, False
+    return c_in % CHANNEL_ALIGNMENT == 0, c_in % CHANNEL_ALIGNMENT == 0
+
+
+def _layout_reorders(run: list[torch.fx.Node]) -> tuple[OpMix, ...]:
+    """The layout conversions ONNX Runtime adds to a unit run alone: a ReorderInput
+    (NCHW -> NCHWc) of each 4-D tensor a blocked convolution reads from outside its
+    blocked region, a ReorderOutput of each blocked tensor read outside the region (a
+    later unit, the graph's output, an op without an NCHWc kernel such as a mean). They
+    are kernels the FX graph does not show (a separable block alone: 2 convolutions and
+    2 reorders of its input and output), as kind "layout" with the bytes they read and
+    write; a stage of several units keeps its inner cuts blocked (the join model)."""
+    region: set[torch.fx.Node] = set()
+    reordered_inputs: set[torch.fx.Node] = set()
+    for node in run:
+        blocked, reads_reordered = _blocked_conv(node)
+        if blocked:
+            region.add(node)
+            if reads_reordered and node.args[0] not in region:
+                reordered_inputs.add(node.args[0])
+            continue
+        tensor_inputs = [arg for arg in node.all_input_nodes if arg.op != "get_attr"]
+        kind = node.meta[COST_KEY].kind
+        if tensor_inputs and all(arg in region for arg in tensor_inputs) and (
+                kind == "fused" or node.target in NCHWC_OPS):
+            region.add(node)
+    inside = set(run)
+    reordered_outputs = [node for node in region if node.target is not operator.getitem
+                         and _read_outside(node, region, inside)]
+    tensors = [n.meta.get(TENSOR_KEY) for n in (*reordered_inputs, *reordered_outputs)]
+    if not tensors:
+        return ()
+    return (OpMix("layout", len(tensors), 0, 2 * sum(t.nbytes for t in tensors if t is not None)),)
+
+
+def _read_outside(node: torch.fx.Node, region: set[torch.fx.Node], inside: set[torch.fx.Node]) -> bool:
+    """Whether a blocked node's value (through getitems of a batch norm's tuple) is read
+    by a node outside the blocked region or outside the unit."""
+    for user in node.users:
+        if user.target is operator.getitem and user in region:
+            if _read_outside(user, region, inside):
+                return True
+        elif user not in region or user not in inside or (
+                user.args[0] is node and _blocked_conv(user) == (True, False)):
+            return True  # the last: a convolution that reads its input as NCHW
+    return False
 
 
 def _folded_on_load(compute: list[torch.fx.Node], unit_of: dict[torch.fx.Node, int]) -> set[torch.fx.Node]:

@@ -115,7 +115,7 @@ MIN_FIT_RECORDS = 3 * len(BASIS)
 # The size-binned law (module docstring): the quantity whose rate bends with an op's size,
 # per kind, and the knots of the rate's curve in log10 of a kind's mean op size (FLOPs or
 # bytes per op: 10 kFLOP .. 100 MFLOP, 10 kB in the L1 .. 100 MB past the last cache).
-SIZED_QUANTITY = {"matmul": "flops", "conv": "flops", "depthwise": "flops", "attention": "flops",
+SIZED_QUANTITY = {"matmul": "flops", "conv": "flops", "stem": "flops", "depthwise": "flops", "attention": "flops",
                   "elementwise": "bytes", "norm": "bytes", "reduce": "bytes"}
 SIZE_KNOTS = (4.0, 6.0, 8.0)
 # The size-binned law's 14 extra coefficients must lower the held-out family error by this
@@ -130,6 +130,10 @@ ADAPT_RIDGE = 0.04
 # before its residual is halved.
 RESIDUAL_NEIGHBORS = 4
 RESIDUAL_REACH = 2.0
+# Weights of the kind shares next to the size in the residual model's distance, chosen by
+# leave-one-family-out. Never 0: by size alone a GPT-2 block took conv units' residuals
+# (store F with layout reorders: cpu1 held-out units 10.8 %, the additive law alone 7.0 %).
+RESIDUAL_SHARE_WEIGHTS = (0.3, 1.0)
 # Pull of each stage-memory factor towards its stages' own factors (squared relative
 # error per unit of factor): small, so that the stage records decide where they can.
 STAGE_MEMORY_RIDGE = 1e-3
@@ -137,7 +141,7 @@ STAGE_MEMORY_RIDGE = 1e-3
 # (from at least two models) it is fitted on.
 JOIN_BASIS = ("cut", "nchw_bytes", "other_bytes", "weight_bytes", "layernorm_bytes")
 # Op kinds that make a unit more than pointwise work (what ORT cannot fuse with a neighbour).
-HEAVY_KINDS = ("matmul", "conv", "depthwise", "attention", "embedding")
+HEAVY_KINDS = ("matmul", "conv", "stem", "depthwise", "attention", "embedding")
 MIN_JOIN_RECORDS = 8
 JOIN_RIDGE = 1e-3
 _FAMILY_END = re.compile(r"-\d")
@@ -324,8 +328,8 @@ class ResidualModel:
         """None with fewer than 2 * RESIDUAL_NEIGHBORS points (too few to say anything local).
 
         Leave-one-group-out (`groups`: the model family each unit comes from; default: each
-        unit its own group) picks how much the kind shares count next to the size (0: size
-        only), the neighbour count and the weight of the residual: each unit is predicted
+        unit its own group) picks how much the kind shares count next to the size
+        (RESIDUAL_SHARE_WEIGHTS), the neighbour count and the weight of the residual: each unit is predicted
         from the units of other groups only, as a model never profiled will be, and the
         error is judged on the models' units (the layer space's where there are no others):
         a new model is new code over sampled op kinds, not a new layer family (choose_knots).
@@ -344,7 +348,7 @@ class ResidualModel:
         if not judged.any():
             judged[:] = True
         best_error, best = float(np.mean(np.abs(residuals[judged]))), None
-        for share_weight in (0.0, 0.3, 1.0):
+        for share_weight in RESIDUAL_SHARE_WEIGHTS:
             scale = 1.0 / spread
             scale[size_columns:] *= share_weight
             points = (raw - center) * scale

@@ -81,8 +81,12 @@ class ConvOnly(nn.Module):
 
 def test_conv_flops():
     gm = annotate(capture(ConvOnly(), (torch.randn(1, 3, 8, 8),)))
-    (conv,) = costs_by_kind(gm)["conv"]
+    # 3 input channels: an image stem, ONNX Runtime's NCHW-input kernel
+    (conv,) = costs_by_kind(gm)["stem"]
     assert conv.flops == 2 * (4 * 6 * 6) * (3 * 3 * 3)
+    wide = annotate(capture(nn.Conv2d(16, 4, 3), (torch.randn(1, 16, 8, 8),)))
+    (conv,) = costs_by_kind(wide)["conv"]
+    assert conv.flops == 2 * (4 * 6 * 6) * (16 * 3 * 3)
 
 
 class ConvNormAct(nn.Module):
@@ -136,9 +140,82 @@ def test_folded_norm_and_activation_join_their_convolution_unit():
     # LayerNorm is a real op with weights and stays a unit of its own.
     assert [u.name for u in units] == ["stem.0", "blocks.0", "norm"]
     stem = units[0]
-    assert {m.kind: m.count for m in stem.op_mix} == {"conv": 1, "fused": 2}
+    # and ONNX Runtime reorders its blocked output back to NCHW for the unit's output
+    assert {m.kind: m.count for m in stem.op_mix} == {"stem": 1, "fused": 2, "layout": 1}
     assert stem.param_bytes == (8 * 3 * 3 * 3 + 4 * 8) * 4  # conv weight + BN's four vectors
     assert stem.cut_bytes == 8 * 4 * 4 * 4  # the activation after ReLU6, not the conv's output
+
+
+class LayoutNet(nn.Module):
+    """Convolutions in every layout case of ONNX Runtime's NCHWc transformer, no channel
+    count between 8 and 15 (where AVX2's block of 8 and AVX-512's of 16 differ)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        # depthwise + pointwise, hardswish (ORT: HardSigmoid and Mul, both blocked)
+        self.blocks = nn.ModuleList([
+            nn.Sequential(nn.Conv2d(16, 16, 3, 1, 1, groups=16), nn.Hardswish(), nn.Conv2d(16, 32, 1)),
+            # 32 -> 4 blocked; the 4 -> 16 conv reads fewer channels than a block: as NCHW
+            nn.Sequential(nn.Conv2d(32, 4, 1), nn.ReLU(), nn.Conv2d(4, 16, 3, 1, 1)),
+            # a grouped (not depthwise) conv runs in NCHW: no reorder at all
+            nn.Sequential(nn.Conv2d(16, 16, 1, groups=4)),
+        ])
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def _onnx_runtime_reorders(gm, units, inputs) -> list[int] | None:
+    """Reorder nodes in ONNX Runtime's optimized graph of each unit exported alone; None
+    where this host's ONNX Runtime has no NCHWc kernels (no reorder around a plain conv)."""
+    import tempfile
+    from pathlib import Path
+
+    import onnx
+    import onnxruntime as ort
+
+    from edgeplan.passes.capture import bind_inputs, signature_of
+    from edgeplan.passes.split import run_stages, split_stages
+    from edgeplan.targets.onnx import OnnxTarget
+
+    counts = []
+    with tempfile.TemporaryDirectory() as tmp:
+        env = bind_inputs(signature_of(gm), inputs)
+        stages = run_stages(split_stages(gm, list(range(len(units)))), env)
+        for index, (stage, args) in enumerate(stages):
+            artifact = OnnxTarget().emit(stage, index, args, Path(tmp))
+            options = ort.SessionOptions()
+            options.optimized_model_filepath = str(Path(tmp) / f"optimized{index}.onnx")
+            ort.InferenceSession(str(Path(tmp) / artifact.path), options, providers=["CPUExecutionProvider"])
+            graph = onnx.load(options.optimized_model_filepath).graph
+            counts.append(sum(node.op_type.startswith("Reorder") for node in graph.node))
+    return counts if any(counts) else None
+
+
+def test_layout_reorders_are_the_ones_onnx_runtime_adds():
+    inputs = (torch.randn(1, 3, 16, 16),)
+    gm = annotate(capture(LayoutNet().eval(), inputs))
+    units = group_units(gm)
+    layout = {u.name: next((m for m in u.op_mix if m.kind == "layout"), None) for u in units}
+    assert [u.name for u in units] == ["stem.0", "blocks.0", "blocks.1", "blocks.2", "head"]
+    counts = {name: mix.count if mix else 0 for name, mix in layout.items()}
+    # stem: reads its 3 channels as they are, reorders its output; blocks.0: its input
+    # and output; blocks.1: its input, the 32 -> 4 conv's output for the NCHW-reading
+    # conv, and its output; blocks.2 and the head run no blocked conv
+    assert counts == {"stem.0": 1, "blocks.0": 2, "blocks.1": 3, "blocks.2": 0, "head": 0}
+    activation = 4 * 16 * 8 * 8  # 16 channels at 8 x 8, float32
+    assert layout["stem.0"].bytes_moved == 2 * activation  # read and written once
+    assert layout["blocks.0"].bytes_moved == 2 * (activation + 2 * activation)
+    assert layout["blocks.1"].flops == 0
+    ort_counts = _onnx_runtime_reorders(gm, units, inputs)
+    if ort_counts is None:
+        pytest.skip("this host's ONNX Runtime runs convolutions without the NCHWc layout")
+    assert ort_counts == list(counts.values())
 
 
 class WrittenOutRMSNorm(nn.Module):
