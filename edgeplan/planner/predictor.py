@@ -36,7 +36,7 @@ Size-dependent efficiency. The additive law has one rate per op kind, but a kern
 efficiency changes with its size (small matmuls run far below peak, and worse on two
 threads, which a small op cannot keep busy; caches matter), as nn-Meter found. Two
 corrections. First, the law itself may bend: in the size-binned law a kind's FLOPs
-(matmul, conv, depthwise, attention) or bytes (elementwise, norm, reduce) are split over
+(matmul, conv, stem, depthwise, attention) or bytes (elementwise, norm, reduce) are split over
 SIZE_KNOTS by the kind's mean op size in the unit (hat functions in log10 size), so each
 kind gets a rate per knot, interpolated between them, with the plain law the special
 case of equal rates. A backend uses it only where it predicts the units of a model
