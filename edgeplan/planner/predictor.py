@@ -219,6 +219,24 @@ def is_model_family(family: str) -> bool:
     return not family.startswith(LAYER_SPACE_PREFIX)
 
 
+def older_features(features: dict[str, float]) -> frozenset[str]:
+    """The op kinds a record's features lack: it was profiled by an edgeplan before they
+    existed (its `stem` convs counted as `conv`, no `layout` reorders), so its ops are
+    costed as that version saw them and its measured computations match no unit of now.
+    Only records written by `unit_features` (with an "op_count") are judged: hand-written
+    features may leave out the kinds they do not use."""
+    if "op_count" not in features:
+        return frozenset()
+    return frozenset(kind for kind in OP_KINDS if f"{kind}_count" not in features)
+
+
+def _older(records: Sequence[UnitProfile]) -> tuple[int, tuple[str, ...]]:
+    """How many records have older features, and the kinds they lack (in OP_KINDS order)."""
+    lacking = [older_features(r.features) for r in records]
+    return (sum(1 for kinds in lacking if kinds),
+            tuple(kind for kind in OP_KINDS if any(kind in kinds for kinds in lacking)))
+
+
 def kinds_of(features: dict[str, float]) -> frozenset[str]:
     return frozenset(k for k in PREDICTED_KINDS if features.get(f"{k}_count", 0.0) > 0)
 
@@ -419,6 +437,10 @@ class LatencyModel:
     residual: ResidualModel | None = None
     join_coef: np.ndarray | None = None  # over JOIN_BASIS; None: no join model (joins 0)
     size_knots: tuple[float, ...] = ()  # () = the plain law over BASIS
+    # Records whose features predate op kinds of this version (`older_features`): how many,
+    # and the kinds they lack.
+    older_records: int = 0
+    older_kinds: tuple[str, ...] = ()
 
     @property
     def run_overhead_s(self) -> float:
@@ -427,10 +449,17 @@ class LatencyModel:
 
     @property
     def provenance(self) -> str:
-        """Where the model comes from, for plans: its own fit or the backend it was adapted from."""
+        """Where the model comes from, for plans: its own fit or the backend it was adapted
+        from, and how many of its records were profiled with older features."""
         if self.source:
-            return f"adapted from {self.source} with {self.records} record(s)"
-        return f"fitted on {self.records} record(s)"
+            text = f"adapted from {self.source} with {self.records} record(s)"
+        else:
+            text = f"fitted on {self.records} record(s)"
+        if self.older_records:
+            text += (f", {self.older_records} of them profiled before op kind(s) "
+                     f"{', '.join(self.older_kinds)} existed (those ops costed as older edgeplan "
+                     f"saw them: profile those models again)")
+        return text
 
     def covers(self, features: dict[str, float]) -> bool:
         return kinds_of(features) <= self.kinds
@@ -635,7 +664,9 @@ def fit_model(records: Sequence[UnitProfile], device: str, backend: str) -> Late
     y = np.array([r.time_s for r in law])
     coef = _relative_nnls(x, y)
     kinds = frozenset().union(*(kinds_of(r.features) for r in usable))
-    model = LatencyModel(device, backend, coef, kinds, len(usable), size_knots=knots)
+    older_records, older_kinds = _older(usable)
+    model = LatencyModel(device, backend, coef, kinds, len(usable), size_knots=knots,
+                         older_records=older_records, older_kinds=older_kinds)
     # Residuals of unit records only: a stage's summed features are no unit's point.
     units = [r for r in usable if not r.parts]
     additive = np.array([model.additive(r.features) for r in units])
@@ -672,7 +703,9 @@ def adapt(source: LatencyModel, samples: Sequence[UnitProfile], device: str, bac
         y = np.array([r.time_s for r in samples]) / efficiency
         scale = float(np.exp(np.median(np.log(y / (x @ source.coef)))))
         coef = _relative_nnls(x, y, prior=source.coef * scale, ridge=ridge)
+    older_records, older_kinds = _older(samples)
     model = LatencyModel(device, backend, coef, source.kinds, len(samples),
+                         older_records=older_records, older_kinds=older_kinds,
                          source=f"{source.device}/{source.backend}", residual=source.residual,
                          join_coef=None if source.join_coef is None else source.join_coef * scale,
                          size_knots=source.size_knots)
@@ -813,5 +846,6 @@ __all__ = [
     "learned_cost_model",
     "model_family",
     "nnls",
+    "older_features",
     "residual_features",
 ]

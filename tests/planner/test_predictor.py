@@ -39,6 +39,7 @@ from edgeplan.planner.predictor import (
     join_features,
     model_family,
     nnls,
+    older_features,
 )
 from edgeplan.planner.profile import (
     ProfileStore,
@@ -709,3 +710,22 @@ def test_join_features_of_a_cut():
     # a unit with a matmul is more than pointwise work: nothing to fuse
     assert join_features(before, {**norm_only, "matmul_count": 1.0})[4] == 0.0
     assert len(join_features({}, {})) == len(JOIN_BASIS)
+
+
+def test_records_with_older_features_are_named_in_the_provenance():
+    """A store profiled before the `stem` and `layout` kinds existed still fits, and plans
+    say how many of its records to profile again; hand-written sparse features are not
+    judged."""
+    gm = annotate(capture(torch.nn.Conv2d(3, 16, 3).eval(), (torch.randn(1, 3, 12, 12),), "stem"))
+    current = unit_features(group_units(gm)[0])
+    assert older_features(current) == frozenset() and current["stem_count"] == 1
+    before = {k: v for k, v in current.items() if not k.startswith(("stem_", "layout_"))}
+    assert older_features(before) == {"stem", "layout"}
+    records = synthetic_records(MIN_FIT_RECORDS, seed=71)
+    aged = records[:5]
+    records[:5] = [dataclasses.replace(r, features={**before, **r.features}) for r in aged]
+    model = fit_model(records, "host", "cpu1")
+    assert model.provenance == (f"fitted on {MIN_FIT_RECORDS} record(s), 5 of them profiled before "
+                                f"op kind(s) stem, layout existed (those ops costed as older edgeplan "
+                                f"saw them: profile those models again)")
+    assert fit_model(records[5:] * 2, "host", "cpu1").provenance.endswith("record(s)")
