@@ -29,7 +29,7 @@ import torch
 import torch.fx
 
 from edgeplan.errors import CaptureError
-from edgeplan.passes.annotate import CONV_OPS, STEM_CHANNELS
+from edgeplan.passes.annotate import CONV_OPS
 from edgeplan.passes.capture import fetch_attr
 from edgeplan.passes.records import (
     COST_KEY,
@@ -40,12 +40,12 @@ from edgeplan.passes.records import (
     TensorSpec,
 )
 
-GRANULARITIES = ("block", "layer")
 aten = torch.ops.aten
+GRANULARITIES = ("block", "layer")
 HEAVY_KINDS = frozenset({"matmul", "conv", "stem", "depthwise", "attention"})
 # ONNX Runtime's CPU convolutions run in a blocked channel layout (NCHWc) of MLAS's block
-# size (annotate.STEM_CHANNELS: 16 channels with AVX-512, 8 with AVX2, which differ only
-# for 8-15 channels); blocked convs read channels in multiples of this.
+# size (annotate.STEM_CHANNELS: 16 channels with AVX-512, 8 with AVX2); the blocked ones
+# read channels in multiples of this, or fewer than a block (kind "stem").
 CHANNEL_ALIGNMENT = 4
 # Ops ONNX Runtime keeps in NCHWc when every tensor input is (`_layout_reorders`); it runs
 # hardswish as HardSigmoid and Mul, both blocked.
@@ -211,23 +211,21 @@ def group_units(gm: torch.fx.GraphModule, granularity: str = "block") -> tuple[U
 def _blocked_conv(node: torch.fx.Node) -> tuple[bool, bool]:
     """(runs in NCHWc, reorders its input) of a convolution in ONNX Runtime's NCHWc
     transformer (probed on ONNX Runtime 1.32): a 2-D depthwise conv of aligned channels,
-    or a dense one reading aligned channels or fewer than a block (read as they are:
-    image stems); grouped convs and dense ones of 18 or 22 channels stay NCHW."""
-    if node.target not in CONV_OPS or len(node.args) < 2:
+    a dense one reading aligned channels, or one of kind "stem" (fewer channels than a
+    block, read as NCHW); grouped convs and dense ones of 18 or 22 channels stay NCHW."""
+    cost = node.meta.get(COST_KEY)
+    if node.target not in CONV_OPS or cost is None:
         return False, False
+    if cost.kind == "stem":
+        return True, False
     inputs, weight = (arg.meta.get(TENSOR_KEY) if isinstance(arg, torch.fx.Node) else None
                       for arg in node.args[:2])
     if inputs is None or weight is None or len(inputs.shape) != 4 or len(weight.shape) != 4:
         return False, False
     c_out, c_in = weight.shape[0], inputs.shape[1]
-    if weight.shape[1] == 1 and c_in == c_out and c_in > 1:  # depthwise
-        aligned = c_out % CHANNEL_ALIGNMENT == 0
-        return aligned, aligned
-    if weight.shape[1] != c_in:  # grouped
-        return False, False
-    if c_in < STEM_CHANNELS:
-        return True, False
-    return c_in % CHANNEL_ALIGNMENT == 0, c_in % CHANNEL_ALIGNMENT == 0
+    grouped = weight.shape[1] != c_in and not (cost.kind == "depthwise" and c_out == c_in)
+    aligned = not grouped and c_in % CHANNEL_ALIGNMENT == 0
+    return aligned, aligned
 
 
 def _layout_reorders(run: list[torch.fx.Node]) -> tuple[OpMix, ...]:
@@ -269,7 +267,7 @@ def _read_outside(node: torch.fx.Node, region: set[torch.fx.Node], inside: set[t
             if _read_outside(user, region, inside):
                 return True
         elif user not in region or user not in inside or (
-                user.args[0] is node and _blocked_conv(user) == (True, False)):
+                user.args[0] is node and user.meta[COST_KEY].kind == "stem"):
             return True  # the last: a convolution that reads its input as NCHW
     return False
 

@@ -115,8 +115,8 @@ MIN_FIT_RECORDS = 3 * len(BASIS)
 # The size-binned law (module docstring): the quantity whose rate bends with an op's size,
 # per kind, and the knots of the rate's curve in log10 of a kind's mean op size (FLOPs or
 # bytes per op: 10 kFLOP .. 100 MFLOP, 10 kB in the L1 .. 100 MB past the last cache).
-SIZED_QUANTITY = {"matmul": "flops", "conv": "flops", "stem": "flops", "depthwise": "flops", "attention": "flops",
-                  "elementwise": "bytes", "norm": "bytes", "reduce": "bytes"}
+SIZED_QUANTITY = {"matmul": "flops", "conv": "flops", "stem": "flops", "depthwise": "flops",
+                  "attention": "flops", "elementwise": "bytes", "norm": "bytes", "reduce": "bytes"}
 SIZE_KNOTS = (4.0, 6.0, 8.0)
 # The size-binned law's 14 extra coefficients must lower the held-out family error by this
 # share of it (a one-standard-error rule): on this host's 1-thread backend it won by 0.1-0.3
@@ -347,10 +347,11 @@ class ResidualModel:
 
         Leave-one-group-out (`groups`: the model family each unit comes from; default: each
         unit its own group) picks how much the kind shares count next to the size
-        (RESIDUAL_SHARE_WEIGHTS), the neighbour count and the weight of the residual: each unit is predicted
-        from the units of other groups only, as a model never profiled will be, and the
-        error is judged on the models' units (the layer space's where there are no others):
-        a new model is new code over sampled op kinds, not a new layer family (choose_knots).
+        (RESIDUAL_SHARE_WEIGHTS), the neighbour count and the weight of the residual: each
+        unit is predicted from the units of other groups only, as a model never profiled
+        will be, and the error is judged on the models' units (the layer space's where there
+        are no others): a new model is new code over sampled op kinds, not a new layer
+        family (choose_knots).
         """
         if len(features) < 2 * RESIDUAL_NEIGHBORS:
             return None
