@@ -390,14 +390,16 @@ def adaptation_curve(store_records, eval_records, source_backend, target_backend
 
 
 def after_one_run(before: Predictor, store_records, units, stages,
-                  splits_of) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+                  splits_of) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Continuous learning (`edgeplan profile --from-run`, `compile --replan`): for each held-out
     model and each of its splits, that split's stages recorded as one run records them (stage
     times, no quiet round) and the predictor refit on the store plus them; then every stage of
     the model's other splits that the run did not time, predicted before (by `before`, the
-    predictor of `store_records`) and after. Backend -> (errors before, errors after)."""
+    predictor of `store_records`) and after. Backend -> (errors before, errors after, the
+    number of stages of the run each error comes after: one stage says by how much the
+    whole model is off, not which of its units)."""
     timed = {(r.model, r.unit, r.backend): r for r in stages}
-    out = {backend: ([], []) for backend in BACKENDS}
+    out = {backend: ([], [], []) for backend in BACKENDS}
     for model, splits in splits_of.items():
         names = unit_names(units, model)
         for run_split in splits:
@@ -411,7 +413,8 @@ def after_one_run(before: Predictor, store_records, units, stages,
                 rows = [timed[(model, name, backend)] for name in sorted(others)]
                 for predictor, errs in ((before, out[backend][0]), (after, out[backend][1])):
                     errs.extend(errors(learned_times(predictor.models[("host", backend)], rows), rows))
-    return {backend: (np.array(a), np.array(b)) for backend, (a, b) in out.items()}
+                out[backend][2].extend([len(recorded)] * len(rows))
+    return {backend: tuple(np.array(values) for values in lists) for backend, lists in out.items()}
 
 
 def predictor_cost(predictor: Predictor, units_records) -> tuple[float, float, int, int]:
@@ -538,8 +541,12 @@ def main(argv=None) -> int:
 
     print("\nContinuous learning: one split of a held-out model recorded as a run's stage times,")
     print("the predictor refit; the stages of its other splits that the run did not time")
-    for backend, (before, after) in after_one_run(predictor, store_records, units, stages, splits_of).items():
-        print(f"{backend:<8} {len(before):>4} stages: before {summary(before)}   after {summary(after)}")
+    for backend, (before, after, run_stages) in after_one_run(predictor, store_records, units, stages,
+                                                              splits_of).items():
+        for label, rows in (("", slice(None)), ("  after runs of one stage", run_stages == 1),
+                            ("  after runs of 2-4 stages", run_stages > 1)):
+            print(f"{label or backend:<26} {len(before[rows]):>4} stages: before {summary(before[rows])}"
+                  f"   after {summary(after[rows])}")
 
     print("\nAdaptation to a backend left out of training (held-out units + stages of it):")
     print(f"{'source -> target':<16} {'k':>3} {'median |err|':>12} {'<=10%':>6}")
