@@ -450,17 +450,20 @@ class LatencyModel:
 
     @property
     def provenance(self) -> str:
-        """Where the model comes from, for plans: its own fit or the backend it was adapted
-        from, and how many of its records were profiled with older features."""
+        """Where the model comes from, for plans: its own fit or the backend it was adapted from."""
         if self.source:
-            text = f"adapted from {self.source} with {self.records} record(s)"
-        else:
-            text = f"fitted on {self.records} record(s)"
-        if self.older_records:
-            text += (f", {self.older_records} of them profiled before op kind(s) "
-                     f"{', '.join(self.older_kinds)} existed (those ops costed as older edgeplan "
-                     f"saw them: profile those models again)")
-        return text
+            return f"adapted from {self.source} with {self.records} record(s)"
+        return f"fitted on {self.records} record(s)"
+
+    @property
+    def older_note(self) -> str:
+        """For plans, where some records were profiled with older features: how many, and
+        what it costs (a unit with a kind no record has falls back to the roofline)."""
+        if not self.older_records:
+            return ""
+        return (f" ({self.older_records} of them profiled before op kind(s) {', '.join(self.older_kinds)} "
+                f"existed: units with those kinds fall back to the roofline where no newer record "
+                f"has them; profile those models again)")
 
     def covers(self, features: dict[str, float]) -> bool:
         return kinds_of(features) <= self.kinds
@@ -794,7 +797,7 @@ class LearnedCostModel:
                 continue
             sources[k] = model.provenance + (
                 "" if (model.device, model.backend) == (device_name, backend_name)
-                else f" of {model.device}/{model.backend}")  # found by preset kind
+                else f" of {model.device}/{model.backend}") + model.older_note  # found by preset kind
             rows = [u for u, f in enumerate(features) if f is not None and model.covers(f)]
             if rows:
                 # c_run is paid once per stage run: a column of its own, not inside every unit

@@ -725,7 +725,12 @@ def test_records_with_older_features_are_named_in_the_provenance():
     aged = records[:5]
     records[:5] = [dataclasses.replace(r, features={**before, **r.features}) for r in aged]
     model = fit_model(records, "host", "cpu1")
-    assert model.provenance == (f"fitted on {MIN_FIT_RECORDS} record(s), 5 of them profiled before "
-                                f"op kind(s) stem, layout existed (those ops costed as older edgeplan "
-                                f"saw them: profile those models again)")
-    assert fit_model(records[5:] * 2, "host", "cpu1").provenance.endswith("record(s)")
+    assert model.older_note == (" (5 of them profiled before op kind(s) stem, layout existed: units "
+                                "with those kinds fall back to the roofline where no newer record has "
+                                "them; profile those models again)")
+    assert fit_model(records[5:] * 2, "host", "cpu1").older_note == ""
+    # a plan says it next to where its costs come from; a stem conv unit is on the roofline
+    tables = LearnedCostModel(Predictor({("host", "cpu1"): model})).costs(group_units(gm), load_fleet("host"))
+    cpu1 = tables.slots.index(("host", "cpu1"))
+    assert tables.slot_sources[cpu1] == f"fitted on {MIN_FIT_RECORDS} record(s)" + model.older_note
+    assert tables.guessed[0, cpu1]
