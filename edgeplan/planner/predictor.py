@@ -80,6 +80,15 @@ smaller neighbour costs. `predict_stage(parts)` = sum of the parts' predictions
 - (parts - 1) * c_run + the joins of its cuts; the cost tables carry the joins as
 `join_s` for the solvers.
 
+The join model's 4-D term is also what prices ORT's layout reorders (op kind `layout`: a
+conv unit alone reorders its input and output; a cut inside a stage drops both, 4 layout
+bytes per byte of 4-D tensor crossing). Unit times alone cannot price them: a unit's
+reorders move in step with its convs' bytes, and the law gave them nothing on the 1-thread
+backend (run G), so separable blocks, one pair of reorders for two convs, came out 14-22 %
+low. Where a join model is kept with a negative 4-D term, the law takes the `layout` rate
+from it and fits the other coefficients to what that leaves (`_layout_rate`): held-out
+stages on cpu1 within 10 % went 76-87 % -> 85-93 % in stores D-G (README).
+
 Fallback. `LearnedCostModel` predicts a (unit, slot) pair from the model for the slot's
 device (by name or preset kind) and backend, if the model has seen every op kind of the
 unit; everything else is costed by the roofline and marked in `CostTables.guessed`.
@@ -267,12 +276,26 @@ def nnls(a: np.ndarray, b: np.ndarray, max_iterations: int | None = None) -> np.
 
 
 def _relative_nnls(x: np.ndarray, y: np.ndarray, prior: np.ndarray | None = None,
-                   ridge: float = 0.0) -> np.ndarray:
+                   ridge: float = 0.0, fixed: dict[int, float] | None = None) -> np.ndarray:
     """Non-negative coefficients minimizing squared relative errors (+ ridge to a prior).
 
     Columns are scaled to unit norm (the basis spans FLOPs, bytes and counts, 12 orders of
-    magnitude apart); with a prior, coefficients are solved as multiples of it.
+    magnitude apart); with a prior, coefficients are solved as multiples of it. `fixed`
+    columns keep the given coefficients, and the others fit what they leave of each time.
     """
+    if fixed:
+        columns = sorted(fixed)
+        values = np.array([fixed[c] for c in columns])
+        free = np.delete(np.arange(x.shape[1]), columns)
+        # relative to the whole time: x_free c / y = 1 - x_fixed v / y
+        share = 1.0 - x[:, columns] @ values / y
+        rows = x[:, free] / y[:, None]
+        norms = np.linalg.norm(rows, axis=0)
+        used = norms > 0
+        out = np.zeros(x.shape[1])
+        out[columns] = values
+        out[free[used]] = nnls(rows[:, used] / norms[used], share) / norms[used]
+        return out
     rows = x / y[:, None]
     if prior is not None:
         rows = rows * prior[None, :]
@@ -653,6 +676,27 @@ def choose_knots(records: Sequence[UnitProfile]) -> tuple[float, ...]:
     return SIZE_KNOTS if errors[SIZE_KNOTS] < (1.0 - KNOTS_MARGIN) * errors[()] else ()
 
 
+def _layout_rate(join_coef: np.ndarray | None) -> float:
+    """Seconds per byte of the `layout` kind (its bytes: each reorder's tensor read and
+    written) as the join model measures them, or 0 where it does not: a cut inside a stage
+    of a B-byte 4-D tensor drops a ReorderOutput and a ReorderInput, 4B layout bytes, so
+    the savings per byte of 4-D tensor crossing are 4 layout bytes' cost (module docstring)."""
+    if join_coef is None or join_coef[JOIN_BASIS.index("nchw_bytes")] >= 0:
+        return 0.0
+    return -float(join_coef[JOIN_BASIS.index("nchw_bytes")]) / 4.0
+
+
+def _basis_column(knots: tuple[float, ...], kind: str, quantity: str) -> int:
+    """The column of a kind's quantity in the basis of `knots` (unsized quantities only)."""
+    column = 1
+    for other in PREDICTED_KINDS:
+        for other_quantity in ("count", "flops", "bytes"):
+            if (other, other_quantity) == (kind, quantity):
+                return column
+            column += len(knots) if knots and SIZED_QUANTITY.get(other) == other_quantity else 1
+    raise KeyError(f"{kind}_{quantity}")
+
+
 def fit_model(records: Sequence[UnitProfile], device: str, backend: str) -> LatencyModel:
     """Fit one backend's model on its records: the additive law and the residual model on
     unit records (on all records where too few units were timed alone), the join model on
@@ -671,6 +715,10 @@ def fit_model(records: Sequence[UnitProfile], device: str, backend: str) -> Late
     older_records, older_kinds = _older(usable)
     model = LatencyModel(device, backend, coef, kinds, len(usable), size_knots=knots,
                          older_records=older_records, older_kinds=older_kinds)
+    layout_s_per_byte = _layout_rate(fit_joins(usable, model.run_overhead_s))
+    if layout_s_per_byte:
+        coef = _relative_nnls(x, y, fixed={_basis_column(knots, "layout", "bytes"): layout_s_per_byte})
+        model = dataclasses.replace(model, coef=coef)
     # Residuals of unit records only: a stage's summed features are no unit's point.
     units = [r for r in usable if not r.parts]
     additive = np.array([model.additive(r.features) for r in units])

@@ -734,3 +734,51 @@ def test_records_with_older_features_are_named_in_the_provenance():
     cpu1 = tables.slots.index(("host", "cpu1"))
     assert tables.slot_sources[cpu1] == f"fitted on {MIN_FIT_RECORDS} record(s)" + model.older_note
     assert tables.guessed[0, cpu1]
+
+
+def conv_chain_records(models: int, seed: int, layout_s_per_byte=1 / 30e9):
+    """Chains of single-conv units whose layout reorders (input and output, 2 x its
+    activation bytes each way) cost `layout_s_per_byte`: in such units layout bytes move
+    in step with conv bytes, so unit times alone cannot tell the two rates apart; stages
+    of consecutive units drop both reorders at each inner cut (4 x the cut's bytes)."""
+    rng = random.Random(seed)
+    law = {"runs": 20e-6, "conv_count": 3e-6, "conv_flops": 1 / 50e9, "conv_bytes": 1 / 40e9}
+    records = []
+    for m in range(models):
+        chain, alone = [], []
+        for _ in range(5):
+            activation, flops = rng.uniform(1e5, 2e6), 10 ** rng.uniform(6, 8)
+            features = {"op_count": 1.0, "conv_count": 1.0, "conv_flops": flops, "conv_bytes": 2 * activation,
+                        "layout_count": 2.0, "layout_bytes": 4 * activation,
+                        "cut_nchw_bytes": activation, "cut_bytes": activation, "param_bytes": 1e4}
+            chain.append(features)
+            alone.append(law["runs"] + sum(features[k] * v for k, v in law.items() if k != "runs")
+                         + features["layout_bytes"] * layout_s_per_byte)
+        for i, (features, seconds) in enumerate(zip(chain, alone)):
+            records.append(UnitProfile(model=f"convs{m}", unit=f"u{i}", device="host", backend="cpu1",
+                                       features=features, median_s=seconds, p10_s=seconds, p90_s=seconds,
+                                       repeats=1, timestamp="2025-01-01T00:00:00+00:00"))
+        for start, end in [(i, i + 2) for i in range(4)] + [(0, 3), (2, 5)]:
+            parts = tuple(chain[start:end])
+            seconds = (sum(alone[start:end]) - (end - start - 1) * law["runs"]
+                       - sum(4 * p["cut_nchw_bytes"] * layout_s_per_byte for p in parts[:-1]))
+            records.append(UnitProfile(model=f"convs{m}", unit=f"u{start}..u{end - 1}", device="host",
+                                       backend="cpu1", features=combine_features(parts), median_s=seconds,
+                                       quiet_s=seconds, p10_s=seconds, p90_s=seconds, repeats=1, parts=parts,
+                                       timestamp="2025-01-01T00:00:00+00:00"))
+    return records, law
+
+
+def test_layout_reorders_cost_what_the_join_model_says_a_cut_saves():
+    """Unit times alone leave the reorders' rate and the convs' byte rate confounded (run G:
+    the law gave the reorders nothing on cpu1, and separable blocks, one pair of reorders
+    for two convs, came out 14-22 % low); the join model measures the reorders (what a cut
+    inside a stage saves), and the law takes their rate from it."""
+    records, _ = conv_chain_records(6, seed=81)
+    model = fit_model(records, "host", "cpu1")
+    assert model.join_coef[JOIN_BASIS.index("nchw_bytes")] == pytest.approx(-4 / 30e9, rel=0.05)
+    layout_s_per_byte = (model.additive({"layout_bytes": 1e6}) - model.run_overhead_s) / 1e6
+    assert layout_s_per_byte == pytest.approx(1 / 30e9, rel=0.05)
+    # no stage records, no join model: the law fits the layout column like any other
+    alone = fit_model([r for r in records if not r.parts], "host", "cpu1")
+    assert alone.join_coef is None
