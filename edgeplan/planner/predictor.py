@@ -87,7 +87,7 @@ reorders move in step with its convs' bytes, and the law gave them nothing on th
 backend (run G), so separable blocks, one pair of reorders for two convs, came out 14-22 %
 low. Where a join model is kept with a negative 4-D term, the law takes the `layout` rate
 from it and fits the other coefficients to what that leaves (`_layout_rate`): held-out
-stages on cpu1 within 10 % went 76-87 % -> 85-93 % in stores D-G (README).
+stages on cpu1 within 10 % went 59-87 % -> 67-93 % in stores D-G (README).
 
 Fallback. `LearnedCostModel` predicts a (unit, slot) pair from the model for the slot's
 device (by name or preset kind) and backend, if the model has seen every op kind of the
