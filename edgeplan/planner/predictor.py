@@ -283,22 +283,8 @@ def _relative_nnls(x: np.ndarray, y: np.ndarray, prior: np.ndarray | None = None
     magnitude apart); with a prior, coefficients are solved as multiples of it. `fixed`
     columns keep the given coefficients, and the others fit what they leave of each time.
     """
-    if fixed:
-        columns = sorted(fixed)
-        values = np.array([fixed[c] for c in columns])
-        free = np.delete(np.arange(x.shape[1]), columns)
-        # relative to the whole time: x_free c / y = 1 - x_fixed v / y
-        share = 1.0 - x[:, columns] @ values / y
-        rows = x[:, free] / y[:, None]
-        norms = np.linalg.norm(rows, axis=0)
-        used = norms > 0
-        out = np.zeros(x.shape[1])
-        out[columns] = values
-        out[free[used]] = nnls(rows[:, used] / norms[used], share) / norms[used]
-        return out
-    rows = x / y[:, None]
     if prior is not None:
-        rows = rows * prior[None, :]
+        rows = x / y[:, None] * prior[None, :]
         active = prior > 0
         rows = rows[:, active]
         penalty = math.sqrt(ridge) * np.eye(int(active.sum()))
@@ -307,11 +293,17 @@ def _relative_nnls(x: np.ndarray, y: np.ndarray, prior: np.ndarray | None = None
         out = np.zeros(len(prior))
         out[active] = solved * prior[active]
         return out
+    columns = sorted(fixed or {})
+    values = np.array([fixed[c] for c in columns]) if columns else np.zeros(0)
+    free = np.delete(np.arange(x.shape[1]), columns)
+    # relative to the whole time: x_free c / y = 1 - x_fixed v / y (1 with nothing fixed)
+    share = 1.0 - x[:, columns] @ values / y
+    rows = x[:, free] / y[:, None]
     norms = np.linalg.norm(rows, axis=0)
     used = norms > 0
-    solved = nnls(rows[:, used] / norms[used], np.ones(len(y)))
     out = np.zeros(x.shape[1])
-    out[used] = solved / norms[used]
+    out[columns] = values
+    out[free[used]] = nnls(rows[:, used] / norms[used], share) / norms[used]
     return out
 
 
@@ -686,15 +678,10 @@ def _layout_rate(join_coef: np.ndarray | None) -> float:
     return -float(join_coef[JOIN_BASIS.index("nchw_bytes")]) / 4.0
 
 
-def _basis_column(knots: tuple[float, ...], kind: str, quantity: str) -> int:
-    """The column of a kind's quantity in the basis of `knots` (unsized quantities only)."""
-    column = 1
-    for other in PREDICTED_KINDS:
-        for other_quantity in ("count", "flops", "bytes"):
-            if (other, other_quantity) == (kind, quantity):
-                return column
-            column += len(knots) if knots and SIZED_QUANTITY.get(other) == other_quantity else 1
-    raise KeyError(f"{kind}_{quantity}")
+def _bytes_column(knots: tuple[float, ...], kind: str) -> int:
+    """The column of a kind's bytes in the basis of `knots`: the kind's last (its bytes
+    unsized, as the layout kind's are)."""
+    return 1 + int(np.flatnonzero(_column_kinds(tuple(knots)) == PREDICTED_KINDS.index(kind))[-1])
 
 
 def fit_model(records: Sequence[UnitProfile], device: str, backend: str) -> LatencyModel:
@@ -717,7 +704,7 @@ def fit_model(records: Sequence[UnitProfile], device: str, backend: str) -> Late
                          older_records=older_records, older_kinds=older_kinds)
     layout_s_per_byte = _layout_rate(fit_joins(usable, model.run_overhead_s))
     if layout_s_per_byte:
-        coef = _relative_nnls(x, y, fixed={_basis_column(knots, "layout", "bytes"): layout_s_per_byte})
+        coef = _relative_nnls(x, y, fixed={_bytes_column(knots, "layout"): layout_s_per_byte})
         model = dataclasses.replace(model, coef=coef)
     # Residuals of unit records only: a stage's summed features are no unit's point.
     units = [r for r in usable if not r.parts]
