@@ -212,6 +212,9 @@ def cmd_profile(args) -> int:
     measured = store.load() if store.path.is_file() and (args.model or args.layer_space) else []
     renamed = {} if args.backend is None else {args.backend: args.threads[0]}
 
+    def tvm_failure(unit: str, reason: str) -> None:
+        print(f"\nprofile: TVM cannot build {unit}, timed on ONNX Runtime only: {reason}", file=sys.stderr)
+
     records = []
     if args.model:
         factory = load_factory(args.model)
@@ -221,7 +224,7 @@ def cmd_profile(args) -> int:
         model, example_inputs = built
         records += profile_units(
             model, example_inputs, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
-            extra_rounds=args.retries, tvm=args.tvm,
+            extra_rounds=args.retries, tvm=args.tvm, on_tvm_failure=tvm_failure,
             name=args.model.rpartition(":")[0].rpartition("/")[2].removesuffix(".py") or None,
             progress=progress, device=args.device,
             fastest_reference=fastest_reference_of(measured, device=args.device, backend_threads=renamed))
@@ -231,7 +234,7 @@ def cmd_profile(args) -> int:
         for name, bank, inputs, _ in layer_space(samples=args.samples, seed=args.seed):
             records += profile_units(bank, inputs, threads=args.threads, warmup=args.warmup,
                                      repeats=args.repeats, extra_rounds=args.retries, tvm=args.tvm,
-                                     name=name, progress=progress, device=args.device,
+                                     on_tvm_failure=tvm_failure, name=name, progress=progress, device=args.device,
                                      fastest_reference=fastest_reference_of(
                                          [*measured, *records], device=args.device, backend_threads=renamed))
     if records:

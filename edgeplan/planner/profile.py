@@ -93,7 +93,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from edgeplan.errors import EdgeplanError
+from edgeplan.errors import ArtifactError, EdgeplanError
 
 FORMAT = "edgeplan-profile"
 VERSION = 1
@@ -429,7 +429,8 @@ def profile_units(model, example_inputs, *, threads: Sequence[int] = (1, 2), war
                   progress: Progress | None = None,
                   stage_of_unit: Sequence[int] | None = None,
                   splits: Sequence[Sequence[int]] | None = None,
-                  tvm: bool = False, device: str = DEVICE) -> list[UnitProfile]:
+                  tvm: bool = False, on_tvm_failure: Callable[[str, str], None] | None = None,
+                  device: str = DEVICE) -> list[UnitProfile]:
     """Measure every unit of `model` on backends cpu{t} of this machine for t in `threads`,
     recorded as fleet device `device` ("host" by default: the `host` preset; on a fleet's
     device, its name or its preset kind, which `Predictor.model_for` looks up in that order).
@@ -452,7 +453,11 @@ def profile_units(model, example_inputs, *, threads: Sequence[int] = (1, 2), war
 
     With `tvm`, every unit (or stage) is also built as a TVM library for this host and
     timed with one thread, interleaved with the ONNX Runtime sessions: backend TVM_BACKEND
-    (needs apache-tvm; builds are cached like the TVM target's).
+    (needs apache-tvm; builds are cached like the TVM target's). A unit (or stage) TVM
+    cannot build raises the TVM target's error, or, with `on_tvm_failure`, is timed on
+    ONNX Runtime only and reported as on_tvm_failure(its name, the error): TVM's ONNX
+    importer lacks operators ONNX Runtime runs (Tile of a symbolic shape in grouped-query
+    attention), and one such unit need not cost the rest of the model its TVM records.
     """
     import numpy as np
     import onnxruntime as ort
@@ -473,6 +478,10 @@ def profile_units(model, example_inputs, *, threads: Sequence[int] = (1, 2), war
         raise EdgeplanError(f"profile: need repeats >= 1, warmup >= 0, rounds >= 1 and "
                             f"extra_rounds >= 0, got {repeats}, {warmup}, {rounds}, {extra_rounds}")
 
+    if tvm:
+        from edgeplan.targets.tvm import require_tvm
+
+        require_tvm()  # one error up front, not one per unit
     gm = annotate(capture(model, example_inputs, name))
     signature = signature_of(gm)
     if signature.on_meta:
@@ -536,8 +545,13 @@ def profile_units(model, example_inputs, *, threads: Sequence[int] = (1, 2), war
                 runs.append((session, feeds_used))
                 keys.append((index, group, backend_name(t), t))
             if tvm:
-                runs.append((_tvm_runner(path, index, session, feeds_used), feeds_used))
-                keys.append((index, group, TVM_BACKEND, 1))
+                try:
+                    runs.append((_tvm_runner(path, index, session, feeds_used), feeds_used))
+                    keys.append((index, group, TVM_BACKEND, 1))
+                except ArtifactError as error:
+                    if on_tvm_failure is None:
+                        raise
+                    on_tvm_failure(_group_name(group), str(error))
                 step(f"build TVM {_group_name(group)}")
         reference_feeds = {"x": np.random.default_rng(0).standard_normal((64, 256), dtype=np.float32)}
         timed_threads = sorted({t for *_, t in keys})

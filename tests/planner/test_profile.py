@@ -9,7 +9,7 @@ from conftest import EXAMPLES, load_example
 
 import edgeplan
 from edgeplan.cli import main
-from edgeplan.errors import EdgeplanError
+from edgeplan.errors import ArtifactError, EdgeplanError
 from edgeplan.planner.profile import (
     FORMAT,
     OP_KINDS,
@@ -311,3 +311,35 @@ def test_cli_profile_times_tvm_libraries_too(tmp_path, capsys):
     for cpu, tvm in zip(records[::2], records[1::2]):
         assert tvm.quiet_s > 0 and tvm.features == cpu.features and tvm.reference_s == cpu.reference_s
     assert "host/tvm1" in capsys.readouterr().out
+
+
+def test_a_unit_tvm_cannot_build_is_timed_on_onnx_runtime_only(tmp_path, capsys, monkeypatch):
+    """TVM's importer lacks operators ONNX Runtime runs: with --tvm such a unit keeps its
+    cpu1 record, has no tvm1 record, and the CLI names it and why; profile_units without
+    on_tvm_failure raises the TVM target's error. (Every other unit's "TVM library" is its
+    ONNX Runtime session here: the skip is under test, not TVM.)"""
+    pytest.importorskip("tvm")
+    import edgeplan.planner.profile as profile
+
+    def runner(path, index, onnx_session, feeds):
+        if index == 2:
+            raise ArtifactError(f"tvm target: importing stage {index} ({path}) failed: AssertionError: "
+                                f"emit_te now only supports Tensor that has ShapeExpr shape")
+        return profile._TvmRunner(type("Session", (), {"run": lambda self, f: onnx_session.run(None, f)})())
+
+    monkeypatch.setattr(profile, "_tvm_runner", runner)
+    factory = tiny_gpt_factory(tmp_path)
+    store = tmp_path / "profiles.jsonl"
+    assert main(["profile", f"{factory}:build", "--store", str(store), "--threads", "1",
+                 "--repeats", "2", "--retries", "0", "--tvm"]) == 0
+    records = ProfileStore(store).load()
+    units = list(dict.fromkeys(r.unit for r in records))
+    failed = units[2]
+    assert [(r.unit, r.backend) for r in records] == [
+        (u, b) for u in units for b in ("cpu1", TVM_BACKEND) if (u, b) != (failed, TVM_BACKEND)]
+    err = capsys.readouterr().err
+    assert f"TVM cannot build {failed}, timed on ONNX Runtime only" in err and "ShapeExpr" in err
+    gpt = load_example("gpt")
+    with pytest.raises(ArtifactError, match="importing stage 2"):
+        profile_units(*gpt.build(n_layer=1, d_model=32, n_head=2, vocab=64, seq=8), threads=(1,),
+                      repeats=1, rounds=1, tvm=True)
