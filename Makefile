@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/predictor.py
 	$(BIN)/python bench/plan_quality.py
 	$(BIN)/python bench/unseen_device.py
+	$(BIN)/python bench/unseen_backend.py
 	$(BIN)/python bench/merge.py
 	$(BIN)/python bench/targets.py --trials 16
 	$(BIN)/python -m pytest -q -m slow

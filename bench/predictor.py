@@ -190,16 +190,18 @@ class Profiler:
     calls saw, so that a call that runs entirely in a slow spell of the machine waits for
     it to pass (profile.py: rounds timed again)."""
 
-    def __init__(self, repeats: int):
+    def __init__(self, repeats: int, fastest: dict[int, float] | None = None):
+        """`fastest`: thread count -> fastest reference seen before this run (none: its own)."""
         self.repeats = repeats
         self.seen: list = []
-        self.fastest: dict[int, float] = {}
+        self.fastest: dict[int, float] = dict(fastest or {})
 
     def __call__(self, model, inputs, **kwargs):
         records = profile_units(model, inputs, repeats=self.repeats,
                                 fastest_reference=self.fastest, **kwargs)
         self.seen += records
-        self.fastest = fastest_reference_of(self.seen)
+        for threads, seconds in fastest_reference_of(self.seen).items():
+            self.fastest[threads] = min(seconds, self.fastest.get(threads, seconds))
         return records
 
     def calibrate(self, model, inputs) -> None:
