@@ -46,6 +46,7 @@ the load average before and after. Re-run it when the machine is quiet.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import os
@@ -75,6 +76,7 @@ from edgeplan.planner.predictor import (  # noqa: E402
     LearnedCostModel,
     Predictor,
     adapt,
+    adapt_from_closest,
     fit_model,
 )
 from edgeplan.planner.profile import (  # noqa: E402
@@ -390,6 +392,22 @@ def adaptation_curve(store_records, eval_records, source_backend, target_backend
         curve.append((k, statistics.median(medians), statistics.median(within)))
     return curve
 
+
+def closest_adaptation(sources, pool, rows, device: str, backend: str, ks, draws: int):
+    """For each k in `ks`: `adapt_from_closest` of `sources` (LatencyModels) to k random
+    records of `pool`, judged on `rows`; one "median |error| within" cell per k (median over
+    `draws` draws), and a Counter of the source backends the draws chose."""
+    cells, chosen = [], collections.Counter()
+    for k in ks:
+        medians, within = [], []
+        for draw in range(draws):
+            model = adapt_from_closest(sources, random.Random(draw).sample(pool, k), device, backend)
+            chosen[model.source.rpartition("/")[2]] += 1
+            err = np.abs(errors(learned_times(model, rows), rows))
+            medians.append(float(np.median(err)))
+            within.append(float(np.mean(err <= 0.10)))
+        cells.append(f"{statistics.median(medians) * 100:>7.1f}% {statistics.median(within) * 100:>6.0f}%")
+    return cells, chosen
 
 def after_one_run(before: Predictor, store_records, units, stages,
                   splits_of) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:

@@ -28,10 +28,7 @@ each draw chose), and the own fit of the whole pool (a full profile of the backe
 from __future__ import annotations
 
 import argparse
-import collections
 import json
-import random
-import statistics
 import sys
 from pathlib import Path
 
@@ -42,6 +39,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import numpy as np  # noqa: E402
 from predictor import (  # noqa: E402
     Profiler,
+    closest_adaptation,
     errors,
     held_out_models,
     learned_times,
@@ -53,7 +51,7 @@ from predictor import (  # noqa: E402
 )
 
 from edgeplan.errors import EdgeplanError  # noqa: E402
-from edgeplan.planner.predictor import Predictor, adapt_from_closest, fit_model  # noqa: E402
+from edgeplan.planner.predictor import Predictor, fit_model  # noqa: E402
 from edgeplan.planner.profile import TVM_BACKEND, ProfileStore, fastest_reference_of  # noqa: E402
 
 KS = (5, 10, 20)
@@ -136,17 +134,9 @@ def table(sources: Predictor, pool, first, second, draws: int) -> None:
         if not rows:
             continue
         cells = [summary(errors(learned_times(sources.models[SOURCE], rows), rows))]
-        chosen = collections.Counter()
-        for k in KS:
-            medians, within = [], []
-            for draw in range(draws):
-                samples = random.Random(draw).sample(tvm_pool, k)
-                model = adapt_from_closest(list(sources.models.values()), samples, "host", TVM_BACKEND)
-                chosen[model.source.rpartition("/")[2]] += 1
-                err = np.abs(errors(learned_times(model, rows), rows))
-                medians.append(float(np.median(err)))
-                within.append(float(np.mean(err <= 0.10)))
-            cells.append(f"{statistics.median(medians) * 100:>7.1f}% {statistics.median(within) * 100:>6.0f}%")
+        adapted, chosen = closest_adaptation(list(sources.models.values()), tvm_pool, rows, "host",
+                                             TVM_BACKEND, KS, draws)
+        cells += adapted
         cells.append(summary(errors(learned_times(own, rows), rows)))
         print(f"{level:<6} {len(rows):>3} | " + " | ".join(cells) + " | "
               + ", ".join(f"{b} {n}" for b, n in sorted(chosen.items())))

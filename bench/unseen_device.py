@@ -33,10 +33,7 @@ The noise floor of each machine's held-out units (timed twice) comes first.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
-import random
-import statistics
 import sys
 from pathlib import Path
 
@@ -47,6 +44,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import numpy as np  # noqa: E402
 from predictor import (  # noqa: E402
     BACKENDS,
+    closest_adaptation,
     errors,
     learned_times,
     noise_floor,
@@ -57,7 +55,7 @@ from predictor import (  # noqa: E402
 )
 
 from edgeplan.errors import EdgeplanError  # noqa: E402
-from edgeplan.planner.predictor import Predictor, adapt_from_closest  # noqa: E402
+from edgeplan.planner.predictor import Predictor  # noqa: E402
 from edgeplan.planner.profile import ProfileStore  # noqa: E402
 
 KS = (5, 10, 20)
@@ -98,17 +96,9 @@ def direction(name, source_records, target_records, target_units, device, draws)
         pool = [r for r in target_records if r.backend == backend]
         cells = [summary(errors(roofline_times(rows, backend), rows)),
                  summary(errors(learned_times(source.models[(source_device, backend)], rows), rows))]
-        chosen = collections.Counter()
-        for k in KS:
-            medians, within = [], []
-            for draw in range(draws):
-                samples = random.Random(draw).sample(pool, k)
-                model = adapt_from_closest(list(source.models.values()), samples, device, backend)
-                chosen[model.source.rpartition("/")[2]] += 1
-                err = np.abs(errors(learned_times(model, rows), rows))
-                medians.append(float(np.median(err)))
-                within.append(float(np.mean(err <= 0.10)))
-            cells.append(f"{statistics.median(medians) * 100:>7.1f}% {statistics.median(within) * 100:>6.0f}%")
+        adapted, chosen = closest_adaptation(list(source.models.values()), pool, rows, device, backend,
+                                             KS, draws)
+        cells += adapted
         cells.append(summary(errors(learned_times(own.models[(device, backend)], rows), rows)))
         print(f"{backend:<8} {len(rows):>3} | " + " | ".join(cells) + " | "
               + ", ".join(f"{b} {n}" for b, n in sorted(chosen.items())))
