@@ -380,34 +380,38 @@ def adaptation_curve(store_records, eval_records, source_backend, target_backend
     # k = 0: no samples; the source is rescaled by the roofline's ratio of the two backends.
     prior = (fleet.backend(source_backend).peak_gflops / fleet.backend(target_backend).peak_gflops)
     targets = [r for r in eval_records if r.backend == target_backend]
-    curve = []
-    for k in (0, 5, 10, 20):
-        medians, within = [], []
-        for draw in range(draws if k else 1):
-            samples = random.Random(draw).sample(pool, k) if k else []
-            model = adapt(source, samples, "host", target_backend, prior_scale=prior)
-            err = errors(learned_times(model, targets), targets)
-            medians.append(float(np.median(np.abs(err))))
-            within.append(float(np.mean(np.abs(err) <= 0.10)))
-        curve.append((k, statistics.median(medians), statistics.median(within)))
-    return curve
+    return [(k, *over_draws(lambda samples: adapt(source, samples, "host", target_backend, prior_scale=prior),
+                            pool, targets, k, draws if k else 1))
+            for k in (0, 5, 10, 20)]
+
+
+def over_draws(adapted, pool, rows, k: int, draws: int) -> tuple[float, float]:
+    """(median |error|, share within 10 %) on `rows` of adapted(k random records of `pool`),
+    each the median over `draws` draws (seeded 0, 1, ...)."""
+    medians, within = [], []
+    for draw in range(draws):
+        model = adapted(random.Random(draw).sample(pool, k))
+        err = np.abs(errors(learned_times(model, rows), rows))
+        medians.append(float(np.median(err)))
+        within.append(float(np.mean(err <= 0.10)))
+    return statistics.median(medians), statistics.median(within)
 
 
 def closest_adaptation(sources, pool, rows, device: str, backend: str, ks, draws: int):
     """For each k in `ks`: `adapt_from_closest` of `sources` (LatencyModels) to k random
     records of `pool`, judged on `rows`; one "median |error| within" cell per k (median over
     `draws` draws), and a Counter of the source backends the draws chose."""
-    cells, chosen = [], collections.Counter()
-    for k in ks:
-        medians, within = [], []
-        for draw in range(draws):
-            model = adapt_from_closest(sources, random.Random(draw).sample(pool, k), device, backend)
-            chosen[model.source.rpartition("/")[2]] += 1
-            err = np.abs(errors(learned_times(model, rows), rows))
-            medians.append(float(np.median(err)))
-            within.append(float(np.mean(err <= 0.10)))
-        cells.append(f"{statistics.median(medians) * 100:>7.1f}% {statistics.median(within) * 100:>6.0f}%")
+    chosen = collections.Counter()
+
+    def adapted(samples):
+        model = adapt_from_closest(sources, samples, device, backend)
+        chosen[model.source.rpartition("/")[2]] += 1
+        return model
+
+    cells = [f"{median * 100:>7.1f}% {within * 100:>6.0f}%"
+             for median, within in (over_draws(adapted, pool, rows, k, draws) for k in ks)]
     return cells, chosen
+
 
 def after_one_run(before: Predictor, store_records, units, stages,
                   splits_of) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
