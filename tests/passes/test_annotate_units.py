@@ -1,5 +1,8 @@
 """Capture, annotate and units on tiny hand-built models: exact FLOPs, bytes and cuts."""
 
+import collections
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,7 +11,7 @@ from torch import nn
 from edgeplan.errors import CaptureError
 from edgeplan.passes.annotate import annotate
 from edgeplan.passes.capture import capture
-from edgeplan.passes.records import COST_KEY, SIGNATURE_KEY, UNIT_KEY
+from edgeplan.passes.records import COST_KEY, SIGNATURE_KEY, UNIT_KEY, OpCost
 from edgeplan.passes.units import group_units, unit_key
 
 
@@ -170,9 +173,9 @@ class LayoutNet(nn.Module):
         return self.head(x.mean(dim=(2, 3)))
 
 
-def _onnx_runtime_reorders(gm, units, inputs) -> list[int] | None:
-    """Reorder nodes in ONNX Runtime's optimized graph of each unit exported alone; None
-    where this host's ONNX Runtime has no NCHWc kernels (no reorder around a plain conv)."""
+def _onnx_runtime_ops(gm, units, inputs) -> list[collections.Counter]:
+    """The op types of ONNX Runtime's optimized graph of each unit exported alone (at the
+    default optimization level, as the runtime and the profiler run it)."""
     import tempfile
     from pathlib import Path
 
@@ -193,7 +196,15 @@ def _onnx_runtime_reorders(gm, units, inputs) -> list[int] | None:
             options.optimized_model_filepath = str(Path(tmp) / f"optimized{index}.onnx")
             ort.InferenceSession(str(Path(tmp) / artifact.path), options, providers=["CPUExecutionProvider"])
             graph = onnx.load(options.optimized_model_filepath).graph
-            counts.append(sum(node.op_type.startswith("Reorder") for node in graph.node))
+            counts.append(collections.Counter(node.op_type for node in graph.node))
+    return counts
+
+
+def _onnx_runtime_reorders(gm, units, inputs) -> list[int] | None:
+    """Reorder nodes in ONNX Runtime's optimized graph of each unit exported alone; None
+    where this host's ONNX Runtime has no NCHWc kernels (no reorder around a plain conv)."""
+    counts = [sum(n for op, n in ops.items() if op.startswith("Reorder"))
+              for ops in _onnx_runtime_ops(gm, units, inputs)]
     return counts if any(counts) else None
 
 
@@ -243,6 +254,36 @@ def test_written_out_rms_norm_is_one_norm_kernel():
     assert len(kinds["elementwise"]) == 5  # pow, add, rsqrt and two muls of the x ** 3 one
     (unit,) = group_units(gm)
     assert unit.op_count == 1 + 6  # the RMSNorm kernel, the other's six ops (mean: reduce)
+
+
+class WrittenOutGelu(nn.Module):
+    """HF GPT-2's tanh GELU and an erf GELU, written out; then a tanh gating another
+    tensor and a plain tanh activation, which are no GELU."""
+
+    def forward(self, x, y):
+        tanh_gelu = 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+        erf_gelu = tanh_gelu * 0.5 * (1.0 + torch.erf(tanh_gelu / math.sqrt(2.0)))
+        return torch.tanh(erf_gelu) * y + torch.tanh(y)
+
+
+def test_written_out_gelu_is_one_elementwise_kernel():
+    inputs = (torch.randn(2, 3, 8), torch.randn(2, 3, 8))
+    gm = annotate(capture(WrittenOutGelu(), inputs))
+    by_node = {node.name: node.meta[COST_KEY] for node in gm.graph.nodes}
+    elements = 2 * 3 * 8
+    assert len(costs_by_kind(gm)["fused"]) == 7 + 4  # the tanh GELU's first 7 ops, the erf GELU's first 4
+    # each GELU's last op costed as aten.gelu: reads x, writes its output, one FLOP per element
+    for last in ("mul_3", "mul_5"):
+        assert by_node[last] == OpCost("elementwise", elements, 2 * 4 * elements, 4 * elements)
+    # the other tanh ops, the multiply by y and the last add are left as they are
+    assert sorted(name for name, cost in by_node.items() if cost.kind == "elementwise") == [
+        "add_3", "mul_3", "mul_5", "mul_6", "tanh_1", "tanh_2"]
+    (unit,) = group_units(gm)
+    assert unit.op_count == 2 + 4
+    ops = _onnx_runtime_ops(gm, [unit], inputs)[0]
+    if not (ops["FastGelu"] or ops["Gelu"]):
+        pytest.skip("this host's ONNX Runtime does not fuse written-out GELUs")
+    assert ops["FastGelu"] + ops["Gelu"] == 2 and ops["Erf"] == 0 and ops["Tanh"] == 2
 
 
 class ConstantMask(nn.Module):
