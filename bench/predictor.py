@@ -71,7 +71,7 @@ from edgeplan.passes.annotate import annotate  # noqa: E402
 from edgeplan.passes.capture import capture  # noqa: E402
 from edgeplan.passes.units import group_units  # noqa: E402
 from edgeplan.planner.fleet import load_fleet  # noqa: E402
-from edgeplan.planner.layer_space import SeparableConvBlock, layer_space  # noqa: E402
+from edgeplan.planner.layer_space import FAMILIES, SeparableConvBlock, layer_space  # noqa: E402
 from edgeplan.planner.predictor import (  # noqa: E402
     LearnedCostModel,
     Predictor,
@@ -80,7 +80,9 @@ from edgeplan.planner.predictor import (  # noqa: E402
     fit_model,
 )
 from edgeplan.planner.profile import (  # noqa: E402
+    LAYER_SPACE_PREFIX,
     ProfileStore,
+    combine_features,
     fastest_reference_of,
     profile_units,
     stage_label,
@@ -148,20 +150,27 @@ def build_separable_cnn(*, batch=1, image_size=64, widths=(32, 64, 128, 128, 256
     return model.eval(), {"pixels": torch.randn(batch, 3, image_size, image_size)}
 
 
-def zoo_models():
-    """(label, model, inputs) of every training zoo model."""
-    for name, config in ZOO:
-        model, inputs = load_module(EXAMPLES / f"{name}.py").build(**config)
-        yield (f"{name}-" + "-".join(str(v) for v in config.values() if not isinstance(v, tuple)),
-               model, inputs)
+def zoo_builders():
+    """(label, build) of every training zoo model; build() -> (model, inputs)."""
+    builders = [(f"{name}-" + "-".join(str(v) for v in config.values() if not isinstance(v, tuple)),
+                 lambda name=name, config=config: load_module(EXAMPLES / f"{name}.py").build(**config))
+                for name, config in ZOO]
     # Separable CNNs unlike the held-out one (Hardswish / ReLU, kernel 5 / 3, even blocks
     # downsample): the zoo's ResNets alone taught the join model their NCHWc savings,
     # which depthwise blocks do not have.
     for widths, kernel, activation, size in (((24, 48, 96, 96), 5, nn.Hardswish, 48),
                                              ((16, 40, 80, 160), 3, nn.ReLU, 80)):
-        model, inputs = build_separable_cnn(widths=widths, kernel=kernel, activation=activation,
-                                            image_size=size, seed=1, downsample=0, num_classes=10)
-        yield f"sepchain-{widths[-1]}-k{kernel}-{size}", model, inputs
+        builders.append((f"sepchain-{widths[-1]}-k{kernel}-{size}",
+                         lambda widths=widths, kernel=kernel, activation=activation, size=size:
+                         build_separable_cnn(widths=widths, kernel=kernel, activation=activation,
+                                             image_size=size, seed=1, downsample=0, num_classes=10)))
+    return builders
+
+
+def zoo_models():
+    """(label, model, inputs) of every training zoo model, built one at a time."""
+    for label, build in zoo_builders():
+        yield (label, *build())
 
 
 def held_out_models():
@@ -216,6 +225,37 @@ class Profiler:
 def units_of(model, inputs):
     """The model's units, as profile_units groups them."""
     return group_units(annotate(capture(model, inputs)))
+
+
+def refeature(records, samples: int) -> list:
+    """`records` with the features of this version of capture, annotate and units, their
+    measurements kept: every model is built again by its name (the zoo, the layer space of
+    `samples` per family, the held-out models; "-repeat" is a second timing) and a record
+    takes its unit's features, a stage record its units' as parts. So a store profiled
+    before a feature changed is judged as if profiled now (bench/data holds such stores)."""
+    builders = dict(zoo_builders() + held_out_models())
+    builders.update({f"{LAYER_SPACE_PREFIX}{family}":
+                     lambda family=family: next(layer_space(samples=samples, seed=0, families=(family,)))[1:3]
+                     for family in FAMILIES})
+    features_of: dict[str, dict[str, dict[str, float]]] = {}
+    out = []
+    for record in records:
+        name = record.model.removesuffix("-repeat")
+        if name not in builders:
+            raise EdgeplanError(f"bench: cannot rebuild model {name!r} of the store to recompute its "
+                                f"features (not in the zoo, the layer space of --samples {samples} "
+                                f"or the held-out models); profile it again")
+        if name not in features_of:
+            features_of[name] = {u.name: unit_features(u) for u in units_of(*builders[name]())}
+        units = features_of[name]
+        names = list(units)
+        first, _, last = record.unit.partition("..")
+        if not record.parts:
+            out.append(dataclasses.replace(record, features=units[record.unit]))
+            continue
+        parts = tuple(units[n] for n in names[names.index(first): names.index(last) + 1])
+        out.append(dataclasses.replace(record, features=combine_features(parts), parts=parts))
+    return out
 
 
 def build_store(path: Path, samples: int, profile: Profiler) -> None:
@@ -469,7 +509,12 @@ def main(argv=None) -> int:
     parser.add_argument("--reuse-store", action="store_true",
                         help="train on an existing --store (and its _heldout file) instead of "
                              "profiling again")
+    parser.add_argument("--refeature", action="store_true",
+                        help="with --reuse-store: recompute every record's features from its model "
+                             "rebuilt by this version (measurements kept)")
     args = parser.parse_args(argv)
+    if args.refeature and not args.reuse_store:
+        parser.error("--refeature recomputes the features of a store already profiled: give --reuse-store too")
     torch.set_num_threads(1)
     started = time.perf_counter()
     print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
@@ -484,6 +529,8 @@ def main(argv=None) -> int:
         profile.calibrate(*next(zoo_models())[1:])
         build_store(args.store, args.samples, profile)
     store_records = ProfileStore(args.store).load()
+    if args.refeature:
+        store_records = refeature(store_records, args.samples)
     predictor = Predictor.fit(store_records)
     trained_s = time.perf_counter() - started
     held_out = ProfileStore(args.store.with_name(args.store.stem + "_heldout.jsonl"))
@@ -493,6 +540,8 @@ def main(argv=None) -> int:
     previous = []  # the previous run's held-out records: the noise floor across runs
     if args.reuse_store and held_out.path.is_file() and splits_path.is_file():
         measured = held_out.load()
+        if args.refeature:
+            measured = refeature(measured, args.samples)
         splits_of = json.loads(splits_path.read_text())
     else:
         if held_out.path.is_file():

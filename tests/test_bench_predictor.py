@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from edgeplan.cli import load_module
+from edgeplan.errors import EdgeplanError
 from edgeplan.planner.predictor import Predictor
 from edgeplan.planner.profile import ProfileStore, combine_features
 
@@ -74,3 +75,31 @@ def test_second_timings_pair_with_their_first_by_name(bench):
     a, b = bench.paired(first, [dataclasses.replace(r, model=r.model + "-repeat")
                                 for r in as_host("heldout_again.jsonl")])
     assert len(a) == len(first) and np.median(np.abs(bench.noise_floor(a, b))) > 0
+
+
+def test_refeature_recomputes_features_from_the_rebuilt_models(bench):
+    """A store profiled before a feature changed takes this version's features: each record
+    its unit's, a stage record its units' as parts, a second timing its model's; the
+    measurements stay."""
+    cnn = [r for r in as_host("heldout.jsonl") if r.model == "sep-cnn-64" and r.backend == "cpu1"]
+    norm = [r for r in as_host("store.jsonl") if r.model == "layers-norm" and r.backend == "cpu1"][:2]
+    stale = [dataclasses.replace(r, features={**r.features, "flops": -1.0}) for r in cnn[:3] + norm]
+    first, second = stale[:2]
+    stage = dataclasses.replace(first, unit=f"{first.unit}..{second.unit}",
+                                parts=(first.features, second.features),
+                                features=combine_features((first.features, second.features)))
+    again = dataclasses.replace(stale[2], model="sep-cnn-64-repeat")
+    out = bench.refeature(stale + [stage, again], samples=24)
+
+    expected = {(name, u.name): bench.unit_features(u) for name, build in
+                (("sep-cnn-64", dict(bench.held_out_models())["sep-cnn-64"]),
+                 ("layers-norm", lambda: next(bench.layer_space(samples=24, seed=0, families=("norm",)))[1:3]))
+                for u in bench.units_of(*build())}
+    assert [r.features for r in out[:5]] == [expected[(r.model, r.unit)] for r in stale]
+    assert all(r.features["flops"] >= 0 for r in out)
+    assert out[5].parts == (expected[("sep-cnn-64", first.unit)], expected[("sep-cnn-64", second.unit)])
+    assert out[5].features == combine_features(out[5].parts)
+    assert out[6].features == expected[("sep-cnn-64", again.unit)] and out[6].model == "sep-cnn-64-repeat"
+    assert [r.time_s for r in out] == [r.time_s for r in stale + [stage, again]]
+    with pytest.raises(EdgeplanError, match="cannot rebuild model 'mystery'"):
+        bench.refeature([dataclasses.replace(first, model="mystery")], samples=24)
