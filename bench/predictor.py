@@ -1,6 +1,7 @@
 """Learned latency predictor vs roofline on models held out from training (issue 4).
 
     .venv/bin/python bench/predictor.py [--samples 24] [--repeats 15] [--store bench/out/predictor_store.jsonl]
+    .venv/bin/python bench/predictor.py --reuse-store [--refeature] --store bench/data/host-j/store.jsonl
 
 One run, in order:
 1. Training store: after one calibration profile (the machine's speed, discarded), the
