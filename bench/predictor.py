@@ -605,7 +605,7 @@ def main(argv=None) -> int:
     for backend in BACKENDS:
         model = predictor.models[("host", backend)]
         additive = dataclasses.replace(model, residual=None, corrections={}, stage_corrections={},
-                                       join_coef=None)
+                                       cut_corrections={}, join_coef=None)
         for level, records in (("unit", units), ("stage", stages)):
             for family in families:
                 rows = [r for r in records if r.backend == backend

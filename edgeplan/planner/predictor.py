@@ -21,7 +21,12 @@ alone only where no record timed it alone. A unit alone is predicted from the fi
 stage of several units and the planner's cost tables from the second, then the first:
 inside a stage a unit need not run as it ran alone (an LM head timed 65 us alone and 98 us
 a unit of its stages), and a stage of a run is what measurements from runs bring to the
-next plan (`edgeplan profile --from-run`, `edgeplan compile --replan`).
+next plan (`edgeplan profile --from-run`, `edgeplan compile --replan`). One stage cannot
+say whether its units or its cuts are off, so its units take a share of its error that
+shrinks with its cuts, 1 / (1 + STAGE_CUT_SHARE * cuts), and its cuts the rest, as seconds
+each (`cut_corrections`, added to the joins): a whole model run as one stage (HF GPT-2-256,
+12 % over its units and joins, where its two blocks alone run as their sum) taught all its
+units its whole error, and the model's other splits got worse.
 
 Adaptation. A backend with fewer than MIN_FIT_RECORDS records is not fitted on its own:
 it starts from the known backend whose model explains its few samples best, rescales it
@@ -146,6 +151,14 @@ RESIDUAL_SHARE_WEIGHTS = (0.3, 1.0)
 # Pull of each stage-memory factor towards its stages' own factors (squared relative
 # error per unit of factor): small, so that the stage records decide where they can.
 STAGE_MEMORY_RIDGE = 1e-3
+# A stage record's error beyond its units' predictions and joins is its units' and its
+# cuts' at once, and one stage cannot say which: its units take the share
+# 1 / (1 + STAGE_CUT_SHARE * cuts) of it (in log, as factors) and its cuts the rest (as
+# seconds, `cut_corrections`), so a whole model run as one stage teaches its units less
+# than a stage of two does. 0.1: the ratio of the two errors' variances, a cut's (stage
+# records against their measured units plus joins, per cut) to a unit's (the law on model
+# families left out of its fit), robust estimates 0.05-0.18 on the stores in bench/data.
+STAGE_CUT_SHARE = 0.1
 # The join model's features of a cut (module docstring) and the fewest stage records
 # (from at least two models) it is fitted on.
 JOIN_BASIS = ("cut", "nchw_bytes", "other_bytes", "weight_bytes", "layernorm_bytes")
@@ -449,6 +462,8 @@ class LatencyModel:
     records: int
     corrections: dict[tuple[float, ...], float] = field(default_factory=dict)
     stage_corrections: dict[tuple[float, ...], float] = field(default_factory=dict)
+    # seconds a cut between two measured computations adds beyond the join model
+    cut_corrections: dict[tuple[tuple[float, ...], tuple[float, ...]], float] = field(default_factory=dict)
     source: str = ""  # "device/backend" it was adapted from; "" for an own fit
     residual: ResidualModel | None = None
     join_coef: np.ndarray | None = None  # over JOIN_BASIS; None: no join model (joins 0)
@@ -521,9 +536,13 @@ class LatencyModel:
     def joins(self, parts: Sequence[dict[str, float]], times: np.ndarray) -> np.ndarray:
         """Seconds each cut between consecutive parts adds when they run in one stage,
         `times` the parts' own predictions: a join saves at most the smaller neighbour."""
-        if self.join_coef is None or len(parts) < 2:
+        if len(parts) < 2 or (self.join_coef is None and not self.cut_corrections):
             return np.zeros(max(len(parts) - 1, 0))
-        raw = np.array([join_features(a, b) for a, b in zip(parts, parts[1:])]) @ self.join_coef
+        raw = (np.zeros(len(parts) - 1) if self.join_coef is None else
+               np.array([join_features(a, b) for a, b in zip(parts, parts[1:])]) @ self.join_coef)
+        if self.cut_corrections:
+            keys = [_key(part) for part in parts]
+            raw = raw + np.array([self.cut_corrections.get(cut, 0.0) for cut in zip(keys, keys[1:])])
         return np.maximum(raw, -np.minimum(times[:-1], times[1:]))
 
     def predict_stage(self, parts: Sequence[dict[str, float]]) -> float:
@@ -541,11 +560,15 @@ def _key(features: dict[str, float]) -> tuple[float, ...]:
 def _remember(model: LatencyModel, records: Sequence[UnitProfile]) -> LatencyModel:
     """The model with a correction per measured computation: units timed alone in
     `corrections` (latest record last), units inside stages in `stage_corrections` (and in
-    `corrections` where no record timed them alone)."""
+    `corrections` where no record timed them alone), and the cuts inside stages in
+    `cut_corrections`: of a stage's error, its units take a share that shrinks with its
+    cuts (STAGE_CUT_SHARE) and its cuts the rest, in equal seconds, averaged over the stage
+    records a cut is in."""
     encoded = [model._encode_many(record.parts or (record.features,)) for record in records]
     keys_of = [[tuple(plain) for plain in plains] for plains, _ in encoded]  # as _key builds them
     corrections: dict[tuple[float, ...], float] = {}
-    stages = []  # (keys, bases, target) of every stage record
+    stages = []  # (keys, bases, the units' share of the target) of every stage record
+    cut_seconds: dict[tuple[tuple[float, ...], tuple[float, ...]], list[float]] = {}
     for record, keys, parts_encoded in zip(records, keys_of, encoded):
         parts = record.parts or (record.features,)
         bases = model._base_encoded(*parts_encoded)
@@ -556,12 +579,17 @@ def _remember(model: LatencyModel, records: Sequence[UnitProfile]) -> LatencyMod
         joins = float(model.joins(parts, bases).sum())
         target = max(record.time_s + (len(parts) - 1) * model.run_overhead_s - joins, 1e-12)
         if record.parts:
-            stages.append((keys, bases, target))
+            total = float(bases.sum())
+            units_target = total * (target / total) ** (1.0 / (1.0 + STAGE_CUT_SHARE * (len(parts) - 1)))
+            stages.append((keys, bases, units_target))
+            for cut in zip(keys, keys[1:]):
+                cut_seconds.setdefault(cut, []).append((target - units_target) / (len(parts) - 1))
         else:
             corrections[keys[0]] = target / float(bases.sum())
     in_stage = _stage_factors(stages)
     corrections.update({key: factor for key, factor in in_stage.items() if key not in corrections})
-    return dataclasses.replace(model, corrections=corrections, stage_corrections=in_stage)
+    return dataclasses.replace(model, corrections=corrections, stage_corrections=in_stage,
+                               cut_corrections={cut: float(np.mean(s)) for cut, s in cut_seconds.items()})
 
 
 def _stage_factors(stages: Sequence[tuple[list, np.ndarray, float]]) -> dict[tuple[float, ...], float]:
@@ -751,7 +779,9 @@ def adapt(source: LatencyModel, samples: Sequence[UnitProfile], device: str, bac
     measured = _remember(model, samples)
     return dataclasses.replace(
         measured, corrections={**source.corrections, **measured.corrections},
-        stage_corrections={**source.stage_corrections, **measured.stage_corrections})
+        stage_corrections={**source.stage_corrections, **measured.stage_corrections},
+        cut_corrections={**{cut: seconds * scale for cut, seconds in source.cut_corrections.items()},
+                         **measured.cut_corrections})
 
 
 def adapt_from_closest(sources: Sequence[LatencyModel], samples: Sequence[UnitProfile],
@@ -874,6 +904,7 @@ __all__ = [
     "PredictorError",
     "RESIDUAL_NEIGHBORS",
     "SIZE_KNOTS",
+    "STAGE_CUT_SHARE",
     "ResidualModel",
     "adapt",
     "adapt_from_closest",
