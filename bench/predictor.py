@@ -249,14 +249,19 @@ def refeature(records, samples: int) -> list:
         if name not in features_of:
             features_of[name] = {u.name: unit_features(u) for u in units_of(*builders[name]())}
         units = features_of[name]
-        names = list(units)
-        first, _, last = record.unit.partition("..")
         if not record.parts:
             out.append(dataclasses.replace(record, features=units[record.unit]))
             continue
-        parts = tuple(units[n] for n in names[names.index(first): names.index(last) + 1])
+        parts = tuple(units[n] for n in list(units)[stage_span(record.unit, list(units))])
         out.append(dataclasses.replace(record, features=combine_features(parts), parts=parts))
     return out
+
+
+def stage_span(label: str, names: list[str]) -> slice:
+    """Where the units of a stage record (`unit`: a unit's name or "first..last", as
+    `stage_label` writes it) lie in `names`, a model's unit names in graph order."""
+    first, _, last = label.partition("..")
+    return slice(names.index(first), names.index(last or first) + 1)
 
 
 def build_store(path: Path, samples: int, profile: Profiler) -> None:
@@ -392,9 +397,7 @@ def from_measured_units(model, stage_records, unit_records, joins: bool = False)
     out = []
     for stage in stage_records:
         rows = by_model[(stage.model, stage.backend)]
-        names = [r.unit for r in rows]
-        first, _, last = stage.unit.partition("..")
-        inside = rows[names.index(first): names.index(last or first) + 1]
+        inside = rows[stage_span(stage.unit, [r.unit for r in rows])]
         times = np.array([r.time_s for r in inside])
         added = model.joins([r.features for r in inside], times).sum() if joins else 0.0
         out.append(times.sum() + added - (len(inside) - 1) * model.run_overhead_s)

@@ -241,14 +241,21 @@ def _rms_norm_ops(rsqrt: torch.fx.Node) -> list[torch.fx.Node] | None:
 def _cost_as_one_norm(fused: list[torch.fx.Node]) -> None:
     """Re-cost an RMSNorm's ops as one norm kernel: it reads x and the weight and writes
     the last op's output."""
+    read = _spec(fused[0].args[0]).nbytes + sum(
+        _spec(arg).nbytes for arg in fused[-1].all_input_nodes if arg.op == "get_attr")
+    _cost_as_one_kernel(fused, "norm", NORM_FLOPS_PER_ELEMENT, read)
+
+
+def _cost_as_one_kernel(fused: list[torch.fx.Node], kind: str, flops_per_element: int,
+                        read_bytes: int) -> None:
+    """Re-cost the ops of `fused` (its output last) as the one kernel an inference runtime
+    runs for them: the ops before the last are "fused" (free), the last reads `read_bytes`
+    and writes its output, at `flops_per_element` of it."""
     *inner, last = fused
     for node in inner:
         node.meta[COST_KEY] = OpCost("fused", 0, 0, node.meta[COST_KEY].output_bytes)
     out = _spec(last)
-    read = _spec(inner[0].args[0]).nbytes + sum(
-        _spec(arg).nbytes for arg in last.all_input_nodes if arg.op == "get_attr")
-    last.meta[COST_KEY] = OpCost("norm", NORM_FLOPS_PER_ELEMENT * _numel(out),
-                                 read + out.nbytes, out.nbytes)
+    last.meta[COST_KEY] = OpCost(kind, flops_per_element * _numel(out), read_bytes + out.nbytes, out.nbytes)
 
 
 def _pointwise_over(node, source: torch.fx.Node | None = None) -> tuple[list, torch.fx.Node] | None:
@@ -297,13 +304,9 @@ def _gelu_ops(anchor: torch.fx.Node) -> list[torch.fx.Node] | None:
 def _cost_as_one_elementwise(fused: list[torch.fx.Node]) -> None:
     """Re-cost a written-out GELU's ops as one elementwise kernel, costed as `aten.gelu` is:
     it reads x (the one tensor its ops read from outside), writes the last op's output."""
-    *inner, last = fused
     inside = set(fused)
     (x,) = {arg for node in fused for arg in node.all_input_nodes if arg not in inside}
-    for node in inner:
-        node.meta[COST_KEY] = OpCost("fused", 0, 0, node.meta[COST_KEY].output_bytes)
-    out = _spec(last)
-    last.meta[COST_KEY] = OpCost("elementwise", _numel(out), _spec(x).nbytes + out.nbytes, out.nbytes)
+    _cost_as_one_kernel(fused, "elementwise", 1, _spec(x).nbytes)
 
 
 def _folds_into_conv(node: torch.fx.Node) -> bool:
