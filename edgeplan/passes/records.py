@@ -49,10 +49,11 @@ class ModelSignature:
 class OpCost:
     """Static cost of one FX node.
 
-    kind: "matmul" | "conv" | "depthwise" | "attention" | "norm" | "elementwise" | "reduce"
-    | "embedding" | "view" | "fused" (folded into the convolution before it: no FLOPs or
-    bytes) | "input" | "param" | "other". `bytes_moved` counts inputs, outputs and weights
-    read once (the memory-bound term of a roofline); `param_bytes` is set on weight nodes.
+    kind: "matmul" | "conv" | "stem" | "depthwise" | "attention" | "norm" | "elementwise" |
+    "reduce" | "embedding" | "view" | "fused" (folded into the convolution before it and
+    applied by its kernel: no FLOPs or bytes) | "epilogue" (folded into the convolution
+    before it, applied in a pass over its output) | "input" | "param" | "other".
+    `bytes_moved` counts inputs, outputs and weights read once (the memory-bound term of a roofline); `param_bytes` is set on weight nodes.
     """
 
     kind: str

@@ -6,9 +6,9 @@ with granularity "block" the key is the path up to the first ModuleList/Sequenti
 (`embed_tokens`, `norm`, `lm_head`); with "layer" one level deeper (`layers.3.self_attn`,
 `layers.3.mlp`). Runs without weights or heavy ops (masks, position ids, activations)
 join the unit before them (the first one joins the unit after it), and so do runs of ops
-the runtime folds into the convolution before them (kind "fused": a batch norm and its
-activation in a module of their own, `stem.1` after `stem.0`), whose weights fold into
-the convolution's: a cut there would run them unfolded (a ReLU6 batch norm after a
+the runtime folds into the convolution before them (kinds "fused" and "epilogue": a
+batch norm and its activation in a module of their own, `stem.1` after `stem.0`), whose
+weights fold into the convolution's: a cut there would run them unfolded (a ReLU6 batch norm after a
 strided stem convolution took 16 us on its own here, nothing folded).
 
 Writes `node.meta["edgeplan.unit"]` (unit index) on every compute and weight node and
@@ -123,7 +123,7 @@ def _is_light(run: list[torch.fx.Node]) -> bool:
         kind = node.meta[COST_KEY].kind
         if kind in HEAVY_KINDS:
             return False
-        if kind != "fused" and any(arg.op == "get_attr" for arg in node.all_input_nodes):
+        if kind not in ("fused", "epilogue") and any(arg.op == "get_attr" for arg in node.all_input_nodes):
             return False
     return True
 
@@ -195,7 +195,7 @@ def group_units(gm: torch.fx.GraphModule, granularity: str = "block") -> tuple[U
             nodes=tuple(n.name for n in run),
             flops=sum(c.flops for c in costs),
             bytes_moved=sum(c.bytes_moved for c in costs),
-            op_count=sum(1 for c in costs if c.kind not in ("view", "fused")),  # kernels run
+            op_count=sum(1 for c in costs if c.kind not in ("view", "fused", "epilogue")),  # kernels run
             param_bytes=sum(nbytes for _name, nbytes in params),
             param_names=tuple(name for name, _ in params),
             param_sizes=tuple(nbytes for _, nbytes in params),
@@ -248,7 +248,7 @@ def _layout_reorders(run: list[torch.fx.Node]) -> tuple[OpMix, ...]:
         tensor_inputs = [arg for arg in node.all_input_nodes if arg.op != "get_attr"]
         kind = node.meta[COST_KEY].kind
         if tensor_inputs and all(arg in region for arg in tensor_inputs) and (
-                kind == "fused" or node.target in NCHWC_OPS):
+                kind in ("fused", "epilogue") or node.target in NCHWC_OPS):
             region.add(node)
     inside = set(run)
     reordered_outputs = [node for node in region if node.target is not operator.getitem
