@@ -6,9 +6,11 @@ elementwise, and two whole block types: a LLaMA-style decoder block (RMSNorm, ro
 attention, SwiGLU MLP, written here, not taken from transformers) and a depthwise-
 separable conv block) it samples shapes log-uniformly from seeded ranges and builds one
 `LayerBank` model per family whose `layers.i` are the sampled layers, each applied to
-its own input. `group_units` makes every `layers.i` its own unit (each layer reads a
-weight, so none is merged away as a light run), and `profile_units` times them like
-the units of any model.
+its own input. One family samples controlled pairs instead (`conv_epilogue`: one conv,
+with an activation its kernel applies for free and with one applied after it), so that
+the pair's difference prices what single samples confound with their shapes.
+`group_units` makes every `layers.i` its own unit (each layer reads a weight, so none is
+merged away as a light run), and `profile_units` times them like the units of any model.
 
     for name, model, inputs in layer_space(samples=12, seed=0):
         records += profile_units(model, inputs, name=name)
@@ -19,6 +21,7 @@ Shapes are capped by a FLOP budget (`max_mflops`) so that one layer stays in the
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 from collections.abc import Callable, Iterator
@@ -29,8 +32,8 @@ from torch import nn
 
 from edgeplan.planner.profile import LAYER_SPACE_PREFIX
 
-FAMILIES = ("linear", "matmul", "conv", "attention", "norm", "elementwise", "llama_block",
-            "separable_block")
+FAMILIES = ("linear", "matmul", "conv", "conv_epilogue", "attention", "norm", "elementwise",
+            "llama_block", "separable_block")
 
 
 class LayerBank(nn.Module):
@@ -235,6 +238,47 @@ def _conv(rng, max_mflops):
             return name, nn.Sequential(*layers), torch.randn(1, c_in, size, size)
 
 
+# A conv's batch norm and activation in the conv_epilogue pairs: ONNX Runtime folds both
+# into the conv; its kernel applies a ReLU as it computes, the others in a pass over the
+# output (kind "epilogue").
+EPILOGUE_ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
+
+
+def _norm_and_activation(activation: str, channels: int) -> list[nn.Module]:
+    norm = nn.BatchNorm2d(channels)
+    with torch.no_grad():
+        norm.running_var.uniform_(0.5, 1.5)
+    return [norm, EPILOGUE_ACTIVATIONS[activation]()]
+
+
+def _conv_epilogue_pair(rng, max_mflops):
+    """A CNN conv with a batch norm (pointwise, depthwise 3x3 or an image stem), twice:
+    with a ReLU, which ONNX Runtime's conv kernel applies as it computes, and with a ReLU6,
+    sigmoid or tanh, which it applies in a pass over the output (kind "epilogue"). The
+    pair differs by the epilogue alone: among single convs its cost (a ReLU6 took 10-33 %
+    of a separable block here) is confounded with what their shapes cost."""
+    while True:
+        shape = rng.choice(["pointwise", "pointwise", "depthwise", "stem"])
+        if shape == "stem":
+            c_in, c_out, kernel, stride = 3, _log_uniform(rng, 8, 64, 8), 3, 2
+            size = _log_uniform(rng, 32, 160)
+        else:
+            c_in, size = _log_uniform(rng, 8, 256, 8), _log_uniform(rng, 8, 64)
+            c_out = c_in if shape == "depthwise" else _log_uniform(rng, 8, 256, 8)
+            kernel, stride = (3, rng.choice([1, 2])) if shape == "depthwise" else (1, 1)
+        groups = c_in if shape == "depthwise" else 1
+        out_size = (size - 1) // stride + 1
+        if _fits(2 * c_out * out_size ** 2 * (c_in // groups) * kernel ** 2 / 1e6, max_mflops):
+            break
+    paid = rng.choice(["relu6", "relu6", "sigmoid", "tanh"])
+    conv = nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, groups=groups, bias=False)
+    x = torch.randn(1, c_in, size, size)
+    name = f"conv {c_in}->{c_out} k{kernel} s{stride} {size}px" + (" dw" if shape == "depthwise" else "")
+    return [(f"{name} +bn +{activation}",
+             nn.Sequential(copy.deepcopy(conv), *_norm_and_activation(activation, c_out)), x)
+            for activation in ("relu", paid)]
+
+
 def _attention(rng, max_mflops):
     while True:
         batch, heads = rng.choice([1, 2, 4]), rng.choice([1, 2, 4, 8, 12])
@@ -297,9 +341,9 @@ def _separable_block(rng, max_mflops):
                     f"{type(activation).__name__}", block, torch.randn(1, c_in, size, size))
 
 
-SAMPLERS = {"linear": _linear, "matmul": _matmul, "conv": _conv, "attention": _attention,
-            "norm": _norm, "elementwise": _elementwise, "llama_block": _llama_block,
-            "separable_block": _separable_block}
+SAMPLERS = {"linear": _linear, "matmul": _matmul, "conv": _conv, "conv_epilogue": _conv_epilogue_pair,
+            "attention": _attention, "norm": _norm, "elementwise": _elementwise,
+            "llama_block": _llama_block, "separable_block": _separable_block}
 
 
 def layer_space(samples: int = 12, seed: int = 0, families: tuple[str, ...] = FAMILIES,
@@ -315,11 +359,12 @@ def layer_space(samples: int = 12, seed: int = 0, families: tuple[str, ...] = FA
         rng = random.Random(f"{seed}:{family}")
         torch.manual_seed(rng.randrange(2**31))
         layers, inputs, descriptions = [], [], []
-        for _ in range(samples):
-            description, layer, x = SAMPLERS[family](rng, max_mflops)
-            layers.append(layer)
-            inputs.append(x)
-            descriptions.append(description)
+        while len(layers) < samples:
+            drawn = SAMPLERS[family](rng, max_mflops)  # one sample, or a list measured as a set
+            for description, layer, x in drawn if isinstance(drawn, list) else [drawn]:
+                layers.append(layer)
+                inputs.append(x)
+                descriptions.append(description)
         yield f"{LAYER_SPACE_PREFIX}{family}", LayerBank(layers).eval(), tuple(inputs), tuple(descriptions)
 
 

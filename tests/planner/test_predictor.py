@@ -593,18 +593,20 @@ def test_layer_space_gives_one_unit_per_sampled_layer():
     seen = []
     for name, bank, inputs, descriptions in layer_space(samples=3, seed=1):
         units = group_units(annotate(capture(bank, inputs, name)))
-        assert [u.name for u in units] == ["layers.0", "layers.1", "layers.2"]
         family = name.removeprefix("layers-")
-        kind = {"linear": "matmul", "llama_block": "attention",
+        # a family of pairs draws whole pairs: 3 samples are 2 pairs
+        assert len(descriptions) == (4 if family == "conv_epilogue" else 3)
+        assert [u.name for u in units] == [f"layers.{i}" for i in range(len(descriptions))]
+        kind = {"linear": "matmul", "llama_block": "attention", "conv_epilogue": "conv",
                 "separable_block": "conv"}.get(family, family)
         for unit, description in zip(units, descriptions):
-            assert description.split()[0] in (family, "batch_norm", "layer_norm", "rms_norm",
+            assert description.split()[0] in (kind, family, "batch_norm", "layer_norm", "rms_norm",
                                               "softmax", *ELEMENTWISE_OPS)
             if family != "norm":
-                expected = "depthwise" if description.endswith(" dw") else kind
+                expected = "depthwise" if " dw" in description else kind
                 # a dense conv reading fewer than STEM_CHANNELS channels: kind "stem"
-                if family in ("conv", "separable_block") and int(description.split()[1].split("->")[0]) < 16:
-                    expected = "stem" if family == "conv" else "depthwise"
+                if kind == "conv" and int(description.split()[1].split("->")[0]) < 16:
+                    expected = "stem" if family != "separable_block" else "depthwise"
                 assert expected in {m.kind for m in unit.op_mix}, (description, unit.op_mix)
         seen.append(family)
     assert tuple(seen) == FAMILIES
@@ -621,6 +623,18 @@ def test_layer_space_gives_one_unit_per_sampled_layer():
                 else:
                     assert conv.in_channels % 8 == 0, description
     assert stems >= 1
+    # the conv epilogue pairs: one conv, its ReLU free, its other activation an epilogue
+    (_, bank, inputs, descriptions), = layer_space(samples=8, seed=3, families=("conv_epilogue",))
+    units = group_units(annotate(capture(bank, inputs, "pairs")))
+    for index in range(0, len(units), 2):
+        free, paid = ({m.kind: m for m in unit.op_mix} for unit in units[index:index + 2])
+        assert "epilogue" not in free and free["fused"].count == 2
+        assert paid["epilogue"].count == 1 and paid["fused"].count == 1
+        assert {k: m for k, m in free.items() if k != "fused"} == {
+            k: m for k, m in paid.items() if k not in ("fused", "epilogue")}
+        assert inputs[index] is inputs[index + 1]
+        assert descriptions[index].endswith("+bn +relu")
+        assert descriptions[index].rsplit(" +", 1)[0] == descriptions[index + 1].rsplit(" +", 1)[0]
     again = [d for _, _, _, d in layer_space(samples=3, seed=1)]
     assert again == [d for _, _, _, d in layer_space(samples=3, seed=1)]  # seeded
     with pytest.raises(ValueError, match="unknown"):
