@@ -250,10 +250,18 @@ def refeature(records, samples: int) -> list:
             features_of[name] = {u.name: unit_features(u) for u in units_of(*builders[name]())}
         units = features_of[name]
         if not record.parts:
-            out.append(dataclasses.replace(record, features=units[record.unit]))
-            continue
-        parts = tuple(units[n] for n in list(units)[stage_span(record.unit, list(units))])
-        out.append(dataclasses.replace(record, features=combine_features(parts), parts=parts))
+            features, parts = units[record.unit], ()
+        else:
+            parts = tuple(units[n] for n in list(units)[stage_span(record.unit, list(units))])
+            features = combine_features(parts)
+        # Costing may change between versions, the weights may not: a model built otherwise
+        # than the one timed (a layer-space sampler drawing other shapes) would give its
+        # measurements another model's features.
+        if features["param_bytes"] != record.features.get("param_bytes", features["param_bytes"]):
+            raise EdgeplanError(f"bench: {name} {record.unit} holds {record.features['param_bytes']:.0f} "
+                                f"bytes of weights in the store but {features['param_bytes']:.0f} as built "
+                                f"now: its builder changed since it was profiled; profile it again")
+        out.append(dataclasses.replace(record, features=features, parts=parts))
     return out
 
 

@@ -103,3 +103,7 @@ def test_refeature_recomputes_features_from_the_rebuilt_models(bench):
     assert [r.time_s for r in out] == [r.time_s for r in stale + [stage, again]]
     with pytest.raises(EdgeplanError, match="cannot rebuild model 'mystery'"):
         bench.refeature([dataclasses.replace(first, model="mystery")], samples=24)
+    # a layer space drawn otherwise than the one timed: its measurements are not its units'
+    with pytest.raises(EdgeplanError, match="layers-norm layers.0 holds 1 bytes of weights in the store"):
+        bench.refeature([dataclasses.replace(norm[0], features={**norm[0].features, "param_bytes": 1.0})],
+                        samples=24)
