@@ -53,7 +53,8 @@ class OpCost:
     "reduce" | "embedding" | "view" | "fused" (folded into the convolution before it and
     applied by its kernel: no FLOPs or bytes) | "epilogue" (folded into the convolution
     before it, applied in a pass over its output) | "input" | "param" | "other".
-    `bytes_moved` counts inputs, outputs and weights read once (the memory-bound term of a roofline); `param_bytes` is set on weight nodes.
+    `bytes_moved` counts inputs, outputs and weights read once (the memory-bound term of a
+    roofline); `param_bytes` is set on weight nodes.
     """
 
     kind: str
