@@ -252,7 +252,8 @@ def refeature(records, samples: int) -> list:
         if not record.parts:
             features, parts = units[record.unit], ()
         else:
-            parts = tuple(units[n] for n in list(units)[stage_span(record.unit, list(units))])
+            names = list(units)
+            parts = tuple(units[n] for n in names[stage_span(record.unit, names)])
             features = combine_features(parts)
         # Costing may change between versions, the weights may not: a model built otherwise
         # than the one timed (a layer-space sampler drawing other shapes) would give its

@@ -74,10 +74,10 @@ FOLDED_NORM_OPS = {aten._native_batch_norm_legit_no_training.default, aten.batch
 FOLDED_ACTIVATION_OPS = {aten.relu.default, aten.relu6.default, aten.hardtanh.default,
                          aten.clamp.default, aten.sigmoid.default, aten.tanh.default,
                          aten.leaky_relu.default}
-# Of those, the ones ONNX Runtime's conv kernels apply as they compute; the others it applies
-# in a pass over each computed output block (kind "epilogue": a ReLU6 after a 32 -> 64
-# pointwise conv at 32 px took 6.3 us of its 68, a ReLU nothing).
-IN_KERNEL_ACTIVATION_OPS = {aten.relu.default}
+# Of those, the ones ONNX Runtime's conv kernels apply as they compute (kind "fused"); the
+# activations it applies in a pass over each computed output block are kind "epilogue" (a
+# ReLU6 after a 32 -> 64 pointwise conv at 32 px took 6.3 us of its 68, a ReLU nothing).
+IN_KERNEL_FOLDED_OPS = FOLDED_NORM_OPS | {aten.relu.default}
 # FLOPs per output element of an epilogue (a clamp's: 1): MLAS computes a sigmoid or tanh
 # by a rational approximation, which cost 2.5-3x a clamp's pass after the same convs here
 # (a 1x1 conv with 1.6 M outputs: +900 us against +300 us).
@@ -176,7 +176,7 @@ def annotate(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
                 output_bytes = spec.nbytes if spec else 0
                 node.meta[COST_KEY] = (
                     OpCost("fused", 0, 0, output_bytes)
-                    if node.target in FOLDED_NORM_OPS | IN_KERNEL_ACTIVATION_OPS
+                    if node.target in IN_KERNEL_FOLDED_OPS
                     else OpCost("epilogue", EPILOGUE_FLOPS_PER_ELEMENT.get(node.target, 1) * _numel(spec),
                                 0, output_bytes))
                 continue

@@ -43,6 +43,9 @@ from edgeplan.passes.records import (
 aten = torch.ops.aten
 GRANULARITIES = ("block", "layer")
 HEAVY_KINDS = frozenset({"matmul", "conv", "stem", "depthwise", "attention"})
+# Ops folded into the convolution before them (annotate): they launch no kernel of their
+# own, their weights fold into the convolution's, and they run in its blocked layout.
+FOLDED_KINDS = frozenset({"fused", "epilogue"})
 # ONNX Runtime's CPU convolutions run in a blocked channel layout (NCHWc) of MLAS's block
 # size (annotate.STEM_CHANNELS: 16 channels with AVX-512, 8 with AVX2); the blocked ones
 # read channels in multiples of this, or fewer than a block (kind "stem").
@@ -123,7 +126,7 @@ def _is_light(run: list[torch.fx.Node]) -> bool:
         kind = node.meta[COST_KEY].kind
         if kind in HEAVY_KINDS:
             return False
-        if kind not in ("fused", "epilogue") and any(arg.op == "get_attr" for arg in node.all_input_nodes):
+        if kind not in FOLDED_KINDS and any(arg.op == "get_attr" for arg in node.all_input_nodes):
             return False
     return True
 
@@ -195,7 +198,7 @@ def group_units(gm: torch.fx.GraphModule, granularity: str = "block") -> tuple[U
             nodes=tuple(n.name for n in run),
             flops=sum(c.flops for c in costs),
             bytes_moved=sum(c.bytes_moved for c in costs),
-            op_count=sum(1 for c in costs if c.kind not in ("view", "fused", "epilogue")),  # kernels run
+            op_count=sum(1 for c in costs if c.kind != "view" and c.kind not in FOLDED_KINDS),  # kernels run
             param_bytes=sum(nbytes for _name, nbytes in params),
             param_names=tuple(name for name, _ in params),
             param_sizes=tuple(nbytes for _, nbytes in params),
@@ -248,7 +251,7 @@ def _layout_reorders(run: list[torch.fx.Node]) -> tuple[OpMix, ...]:
         tensor_inputs = [arg for arg in node.all_input_nodes if arg.op != "get_attr"]
         kind = node.meta[COST_KEY].kind
         if tensor_inputs and all(arg in region for arg in tensor_inputs) and (
-                kind in ("fused", "epilogue") or node.target in NCHWC_OPS):
+                kind in FOLDED_KINDS or node.target in NCHWC_OPS):
             region.add(node)
     inside = set(run)
     reordered_outputs = [node for node in region if node.target is not operator.getitem

@@ -244,11 +244,12 @@ def _conv(rng, max_mflops):
 EPILOGUE_ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
 
 
-def _norm_and_activation(activation: str, channels: int) -> list[nn.Module]:
+def _batch_norm(channels: int) -> nn.BatchNorm2d:
+    """An inference batch norm with running variances drawn in 0.5-1.5 (not all 1)."""
     norm = nn.BatchNorm2d(channels)
     with torch.no_grad():
         norm.running_var.uniform_(0.5, 1.5)
-    return [norm, EPILOGUE_ACTIVATIONS[activation]()]
+    return norm
 
 
 def _conv_epilogue_pair(rng, max_mflops):
@@ -275,7 +276,7 @@ def _conv_epilogue_pair(rng, max_mflops):
     x = torch.randn(1, c_in, size, size)
     name = f"conv {c_in}->{c_out} k{kernel} s{stride} {size}px" + (" dw" if shape == "depthwise" else "")
     return [(f"{name} +bn +{activation}",
-             nn.Sequential(copy.deepcopy(conv), *_norm_and_activation(activation, c_out)), x)
+             nn.Sequential(copy.deepcopy(conv), _batch_norm(c_out), EPILOGUE_ACTIVATIONS[activation]()), x)
             for activation in ("relu", paid)]
 
 
@@ -295,10 +296,7 @@ def _norm(rng, max_mflops):
     kind = rng.choice(["layer_norm", "rms_norm", "batch_norm", "softmax"])
     if kind == "batch_norm":
         channels, size = _log_uniform(rng, 8, 256), _log_uniform(rng, 4, 64)
-        layer = nn.BatchNorm2d(channels)
-        with torch.no_grad():
-            layer.running_var.uniform_(0.5, 1.5)
-        return f"batch_norm {channels}x{size}px", layer, torch.randn(1, channels, size, size)
+        return f"batch_norm {channels}x{size}px", _batch_norm(channels), torch.randn(1, channels, size, size)
     tokens, width = _log_uniform(rng, 1, 1024), _log_uniform(rng, 16, 4096, 8)
     layer = {"layer_norm": nn.LayerNorm, "rms_norm": RMSNorm, "softmax": ScaledSoftmax}[kind](width)
     return f"{kind} {tokens}x{width}", layer, torch.randn(1, tokens, width)
