@@ -82,6 +82,7 @@ from edgeplan.planner.predictor import (  # noqa: E402
 )
 from edgeplan.planner.profile import (  # noqa: E402
     LAYER_SPACE_PREFIX,
+    RUN_RUNTIME,
     ProfileStore,
     combine_features,
     fastest_reference_of,
@@ -466,31 +467,39 @@ def closest_adaptation(sources, pool, rows, device: str, backend: str, ks, draws
     return cells, chosen
 
 
-def after_one_run(before: Predictor, store_records, units, stages,
+def after_one_run(before: Predictor, store_records, units, stages, again,
                   splits_of) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Continuous learning (`edgeplan profile --from-run`, `compile --replan`): for each held-out
     model and each of its splits, that split's stages recorded as one run records them (stage
-    times, no quiet round) and the predictor refit on the store plus them; then every stage of
-    the model's other splits that the run did not time, predicted before (by `before`, the
-    predictor of `store_records`) and after. Backend -> (errors before, errors after, the
-    number of stages of the run each error comes after: one stage says by how much the
-    whole model is off, not which of its units)."""
-    timed = {(r.model, r.unit, r.backend): r for r in stages}
+    times, no quiet round) in one of the two timings (`stages`, `again`), the predictor refit
+    on the store plus them, and every stage of the model's other splits that the run did not
+    time judged in the other timing, before (by `before`, the predictor of `store_records`)
+    and after; then the same with the timings swapped. A later run measures at another
+    moment than the run that taught the predictor: judged in the run's own timing, the
+    moment's noise shared by all its stages (a model timed 11 % slow throughout) would count
+    as knowledge. Backend -> (errors before, errors after, the number of stages of the run
+    each error comes after: one stage says by how much the whole model is off, not which of
+    its units)."""
+    first = {(r.model, r.unit, r.backend): r for r in stages}
+    second = {(r.model.removesuffix("-repeat"), r.unit, r.backend): dataclasses.replace(
+        r, model=r.model.removesuffix("-repeat")) for r in again}
     out = {backend: ([], [], []) for backend in BACKENDS}
     for model, splits in splits_of.items():
         names = unit_names(units, model)
         for run_split in splits:
             recorded = stage_names(run_split, names)  # in pipeline order, as a run records them
-            run = [dataclasses.replace(timed[(model, name, backend)], quiet_s=0.0, reference_s=0.0,
-                                       median_s=timed[(model, name, backend)].time_s, runtime="edgeplan run")
-                   for name in recorded for backend in BACKENDS]
-            after = Predictor.fit(store_records + run)
-            others = {name for split in splits for name in stage_names(split, names)} - set(recorded)
-            for backend in BACKENDS:
-                rows = [timed[(model, name, backend)] for name in sorted(others)]
-                for predictor, errs in ((before, out[backend][0]), (after, out[backend][1])):
-                    errs.extend(errors(learned_times(predictor.models[("host", backend)], rows), rows))
-                out[backend][2].extend([len(recorded)] * len(rows))
+            others = sorted({name for split in splits for name in stage_names(split, names)} - set(recorded))
+            for run_timing, judged_timing in ((first, second), (second, first)):
+                run = [dataclasses.replace(run_timing[(model, name, backend)], quiet_s=0.0, reference_s=0.0,
+                                           median_s=run_timing[(model, name, backend)].time_s,
+                                           runtime=RUN_RUNTIME)
+                       for name in recorded for backend in BACKENDS]
+                after = Predictor.fit(store_records + run)
+                for backend in BACKENDS:
+                    rows = [judged_timing[(model, name, backend)] for name in others]
+                    for predictor, errs in ((before, out[backend][0]), (after, out[backend][1])):
+                        errs.extend(errors(learned_times(predictor.models[("host", backend)], rows), rows))
+                    out[backend][2].extend([len(recorded)] * len(rows))
     return {backend: tuple(np.array(values) for values in lists) for backend, lists in out.items()}
 
 
@@ -631,9 +640,9 @@ def main(argv=None) -> int:
                 print(f"{backend:<8} {level:<6} {family:<16} {len(rows):>4} | {summary(roof)} | "
                       f"{summary(plain)} | {summary(learned)} | {summary(oracle)} | {summary(joined)}")
 
-    print("\nContinuous learning: one split of a held-out model recorded as a run's stage times,")
-    print("the predictor refit; the stages of its other splits that the run did not time")
-    for backend, (before, after, run_stages) in after_one_run(predictor, store_records, units, stages,
+    print("\nContinuous learning: one split of a held-out model recorded as a run's stage times in one")
+    print("timing, the predictor refit; the stages of its other splits judged in the other timing")
+    for backend, (before, after, run_stages) in after_one_run(predictor, store_records, units, stages, again,
                                                               splits_of).items():
         for label, rows in (("", slice(None)), ("  after runs of one stage", run_stages == 1),
                             ("  after runs of 2-4 stages", run_stages > 1)):

@@ -15,8 +15,8 @@ medians of 46 units moved by 18 % (median) between the halves of one pass with s
 1.6 % without; spinning also tripled the pass's wall time). While a 1-thread session is
 timed the calling thread is pinned to one CPU (`os.sched_setaffinity`; sessions are
 created unpinned, so 2-thread pools keep every CPU): in one test unpinned 1-thread medians
-moved by 20 % between the halves of a pass, pinned by 0.5 %. Every session is warmed up (`warmup` untimed runs and at least
-WARMUP_S seconds), then timed in `rounds` interleaved rounds: each round runs every
+moved by 20 % between the halves of a pass, pinned by 0.5 %. Every session is warmed up
+(`warmup` untimed runs and at least WARMUP_S seconds), then timed in `rounds` interleaved rounds: each round runs every
 session of the model in turn, ceil(repeats / rounds) runs timed one by one with
 time.perf_counter, and at least MIN_ROUND_S seconds of runs, so tiny units get enough
 samples and drift of a shared machine (other processes starting and stopping) falls on
@@ -98,6 +98,8 @@ from edgeplan.errors import ArtifactError, EdgeplanError
 FORMAT = "edgeplan-profile"
 VERSION = 1
 DEVICE = "host"
+# The `runtime` of records taken from recorded runs (`records_from_run`), not profiled.
+RUN_RUNTIME = "edgeplan run"
 # Records of the sampled layer space (planner/layer_space.py) are named "<prefix><family>".
 LAYER_SPACE_PREFIX = "layers-"
 OP_KINDS = ("matmul", "conv", "stem", "depthwise", "attention", "norm", "elementwise", "reduce",
@@ -749,7 +751,7 @@ def records_from_run(directory: str | Path, known: Iterable[UnitProfile] = ()) -
                 model=plan.model, unit=label, device=device, backend=backend,
                 features=combine_features(parts), median_s=seconds, p10_s=seconds, p90_s=seconds,
                 repeats=int(run.get("microbatches", 1)), timestamp=stamp, unit_index=stage.index,
-                host=str(run.get("host", "")), runtime="edgeplan run",
+                host=str(run.get("host", "")), runtime=RUN_RUNTIME,
                 parts=parts if len(parts) > 1 else ()))
     if not records and skipped:
         raise EdgeplanError(f"{runs_path}: its runs do not say how many threads each stage ran "
