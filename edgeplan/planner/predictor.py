@@ -26,7 +26,11 @@ say whether its units or its cuts are off, so its units take a share of its erro
 shrinks with its cuts, 1 / (1 + STAGE_CUT_SHARE * cuts), and its cuts the rest, as seconds
 each (`cut_corrections`, added to the joins): a whole model run as one stage (HF GPT-2-256,
 12 % over its units and joins, where its two blocks alone run as their sum) taught all its
-units its whole error, and the model's other splits got worse.
+units its whole error, and the model's other splits got worse. And a run's stage time is
+one timing at one moment, as noisy here as the predictor is wrong: its error is shrunk
+towards the prediction by how far the runs show more than a run's noise
+(`_shrunk_run_times`), so one run moves a stage at least half way, more runs further, and
+an error far beyond the noise is learned almost whole.
 
 Adaptation. A backend with fewer than MIN_FIT_RECORDS records is not fitted on its own:
 it starts from the known backend whose model explains its few samples best, rescales it
@@ -115,6 +119,7 @@ from edgeplan.planner.cost import CostTables, RooflineCostModel
 from edgeplan.planner.profile import (
     LAYER_SPACE_PREFIX,
     OP_KINDS,
+    RUN_RUNTIME,
     UnitProfile,
     unit_features,
 )
@@ -159,6 +164,12 @@ STAGE_MEMORY_RIDGE = 1e-3
 # records against their measured units plus joins, per cut) to a unit's (the law on model
 # families left out of its fit), robust estimates 0.05-0.18 on the stores in bench/data.
 STAGE_CUT_SHARE = 0.1
+# A run's stage time is one timing at one moment, and the predictor's error is of the same
+# size as the timing noise here: the held-out stages timed twice minutes apart moved by
+# 2.6-8.9 % (rms, 1 thread) and 7.8-13.6 % (2 threads) in the six stores of bench/data, about
+# this share of the spread (p90 / p10 - 1) of the backend's profiled timings (0.09-0.24 over
+# the twelve store-backends): what `_shrunk_run_times` takes as a run's noise.
+RUN_NOISE_PER_SPREAD = 0.16
 # The join model's features of a cut (module docstring) and the fewest stage records
 # (from at least two models) it is fitted on.
 JOIN_BASIS = ("cut", "nchw_bytes", "other_bytes", "weight_bytes", "layernorm_bytes")
@@ -566,18 +577,20 @@ def _remember(model: LatencyModel, records: Sequence[UnitProfile]) -> LatencyMod
     records a cut is in."""
     encoded = [model._encode_many(record.parts or (record.features,)) for record in records]
     keys_of = [[tuple(plain) for plain in plains] for plains, _ in encoded]  # as _key builds them
+    bases_of = [model._base_encoded(*parts_encoded) for parts_encoded in encoded]
+    joins_of = [float(model.joins(record.parts or (record.features,), bases).sum())
+                for record, bases in zip(records, bases_of)]
+    times = _shrunk_run_times(model, records, keys_of, bases_of, joins_of)
     corrections: dict[tuple[float, ...], float] = {}
     stages = []  # (keys, bases, the units' share of the target) of every stage record
     cut_seconds: dict[tuple[tuple[float, ...], tuple[float, ...]], list[float]] = {}
-    for record, keys, parts_encoded in zip(records, keys_of, encoded):
+    for record, keys, bases, joins, seconds in zip(records, keys_of, bases_of, joins_of, times):
         parts = record.parts or (record.features,)
-        bases = model._base_encoded(*parts_encoded)
-        if bases.sum() <= 0 or record.time_s <= 0:
+        if bases.sum() <= 0 or seconds <= 0:
             continue
         # predict_stage subtracts c_run per extra part and adds the joins: the target is
         # what the parts' corrected predictions must add up to for it to hit the record.
-        joins = float(model.joins(parts, bases).sum())
-        target = max(record.time_s + (len(parts) - 1) * model.run_overhead_s - joins, 1e-12)
+        target = max(seconds + (len(parts) - 1) * model.run_overhead_s - joins, 1e-12)
         if record.parts:
             total = float(bases.sum())
             units_target = total * (target / total) ** (1.0 / (1.0 + STAGE_CUT_SHARE * (len(parts) - 1)))
@@ -590,6 +603,41 @@ def _remember(model: LatencyModel, records: Sequence[UnitProfile]) -> LatencyMod
     corrections.update({key: factor for key, factor in in_stage.items() if key not in corrections})
     return dataclasses.replace(model, corrections=corrections, stage_corrections=in_stage,
                                cut_corrections={cut: float(np.mean(s)) for cut, s in cut_seconds.items()})
+
+
+def _shrunk_run_times(model: LatencyModel, records: Sequence[UnitProfile], keys_of: Sequence[list],
+                      bases_of: Sequence[np.ndarray], joins_of: Sequence[float]) -> list[float]:
+    """Each record's time, a run's (RUN_RUNTIME) error shrunk towards the model's prediction
+    (empirical Bayes). A computation timed in n runs with mean log error e keeps
+    e * tau^2 / (tau^2 + sigma^2 / n): sigma is a run's noise (RUN_NOISE_PER_SPREAD x the
+    median spread of the backend's profiled timings), tau^2 the model's own error,
+    mean(e^2 - sigma^2 / n) over the runs' computations but at least sigma^2 (on this host
+    the predictor's held-out stage error is the size of the noise), so one run moves a stage
+    at least half way. Profiled records are kept as timed: their units were timed in the
+    same rounds. A run timed in a slow moment then teaches a predictor that was within its
+    noise half of that moment, and a model off by far more than the noise (an adapted
+    device, a stage slowdown no unit shows) learns almost all of it. Without profiled
+    timings to size the noise, runs are taken as timed."""
+    times = [record.time_s for record in records]
+    spreads = [r.p90_s / r.p10_s - 1.0 for r in records if r.runtime != RUN_RUNTIME and r.p10_s > 0]
+    noise = RUN_NOISE_PER_SPREAD * float(np.median(spreads)) if spreads else 0.0
+    errors_of: dict[tuple, list[tuple[int, float]]] = {}
+    for i, (record, keys, bases, joins) in enumerate(zip(records, keys_of, bases_of, joins_of)):
+        predicted = float(bases.sum()) + joins - (len(keys) - 1) * model.run_overhead_s
+        if record.runtime == RUN_RUNTIME and record.time_s > 0 and predicted > 0:
+            errors_of.setdefault(tuple(keys), []).append((i, math.log(record.time_s / predicted)))
+    if not errors_of or noise <= 0:
+        return times
+    means = {computation: (float(np.mean([e for _, e in runs])), len(runs))
+             for computation, runs in errors_of.items()}
+    model_variance = max(float(np.mean([mean * mean - noise * noise / n for mean, n in means.values()])),
+                         noise * noise)
+    for computation, runs in errors_of.items():
+        n = means[computation][1]
+        weight = model_variance / (model_variance + noise * noise / n)
+        for i, error in runs:
+            times[i] = records[i].time_s * math.exp((weight - 1.0) * error)
+    return times
 
 
 def _stage_factors(stages: Sequence[tuple[list, np.ndarray, float]]) -> dict[tuple[float, ...], float]:

@@ -25,6 +25,7 @@ from edgeplan.planner.plan import Plan
 from edgeplan.planner.predictor import (
     JOIN_BASIS,
     MIN_FIT_RECORDS,
+    RUN_NOISE_PER_SPREAD,
     PREDICTED_KINDS,
     SIZE_KNOTS,
     STAGE_CUT_SHARE,
@@ -43,6 +44,7 @@ from edgeplan.planner.predictor import (
     older_features,
 )
 from edgeplan.planner.profile import (
+    RUN_RUNTIME,
     ProfileStore,
     UnitProfile,
     combine_features,
@@ -205,6 +207,37 @@ def test_one_stage_teaches_its_units_a_share_that_shrinks_with_its_cuts():
     taught = fitted.predict_stage(pair) / model.predict_stage(pair)
     alone = fit_model(records + [recorded(pair, 1.3)], "host", "cpu1")
     assert 1.0 < taught < alone.predict_stage(pair) / model.predict_stage(pair) == pytest.approx(1.3)
+
+
+def test_a_runs_error_is_learned_as_far_as_runs_show_more_than_their_noise():
+    """Stage times from runs: an error within a run's noise (RUN_NOISE_PER_SPREAD x the spread of
+    the profiled timings) moves the stage half way for one run and 2/3 of the way for two
+    (the predictor's error is taken to be at least the noise); an error far beyond the noise
+    is learned almost whole. A profiled stage record is taken as timed."""
+    records = [dataclasses.replace(r, p10_s=r.median_s / 1.1, p90_s=r.median_s * 1.1)
+               for r in synthetic_records(MIN_FIT_RECORDS, seed=5)]
+    noise = RUN_NOISE_PER_SPREAD * (1.1 * 1.1 - 1.0)
+    chain = [r.features for r in synthetic_records(3, seed=41)]
+    model = fit_model(records, "host", "cpu1")
+    predicted = model.predict_stage(chain)
+
+    def run(factor, hour=0, runtime=RUN_RUNTIME):
+        seconds = factor * predicted
+        return UnitProfile(model="m", unit="u0..u2", device="host", backend="cpu1",
+                           features=combine_features(chain), parts=tuple(chain), median_s=seconds,
+                           p10_s=seconds, p90_s=seconds, repeats=8, runtime=runtime,
+                           timestamp=f"2025-01-01T{hour:02d}:00:00+00:00")
+
+    def learned(*runs):
+        return fit_model(records + list(runs), "host", "cpu1").predict_stage(chain) / predicted
+
+    assert learned(run(1.03)) == pytest.approx(1.03 ** 0.5, rel=1e-6)
+    assert learned(run(1.03), run(1.03, hour=1)) == pytest.approx(1.03 ** (2 / 3), rel=1e-6)
+    far = math.log(1.5)
+    weight = (far * far - noise * noise) / (far * far)
+    assert weight > 0.99 and learned(run(1.5)) == pytest.approx(1.5 ** weight, rel=1e-6)
+    # profiled, its units timed in the same rounds: no run's noise to shrink
+    assert learned(run(1.03, runtime="onnxruntime")) == pytest.approx(1.03, rel=1e-6)
 
 
 # What a cut inside a stage adds: per cut, per byte of 4-D and of other tensors crossing,
