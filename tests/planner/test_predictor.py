@@ -25,8 +25,8 @@ from edgeplan.planner.plan import Plan
 from edgeplan.planner.predictor import (
     JOIN_BASIS,
     MIN_FIT_RECORDS,
-    RUN_NOISE_PER_SPREAD,
     PREDICTED_KINDS,
+    RUN_NOISE_PER_SPREAD,
     SIZE_KNOTS,
     STAGE_CUT_SHARE,
     LearnedCostModel,
