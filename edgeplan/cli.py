@@ -265,7 +265,9 @@ def _print_refit(store, directory) -> None:
     plan, run = Plan.from_json(directory), latest_run(directory)
     predictor = Predictor.fit(store.load())
     fleet = load_fleet(plan.fleet)
-    print(f"refitted on {len(store.load())} record(s); latest run of {directory} (ms):")
+    print(f"refitted on {len(store.load())} record(s); latest run of {directory} (ms; a run's error is "
+          f"learned as far as the runs show more than a run's noise, so 'predicted now' nears "
+          f"'measured' as more runs agree):")
     for stage in plan.stages:
         model = (predictor.model_for(fleet.device(stage.device), stage.backend) if run.get("remote")
                  else predictor.models.get((DEVICE, backend_name(run.get("threads_per_stage", 0)))))
