@@ -490,10 +490,9 @@ def after_one_run(before: Predictor, store_records, units, stages, again,
             recorded = stage_names(run_split, names)  # in pipeline order, as a run records them
             others = sorted({name for split in splits for name in stage_names(split, names)} - set(recorded))
             for run_timing, judged_timing in ((first, second), (second, first)):
-                run = [dataclasses.replace(run_timing[(model, name, backend)], quiet_s=0.0, reference_s=0.0,
-                                           median_s=run_timing[(model, name, backend)].time_s,
-                                           runtime=RUN_RUNTIME)
-                       for name in recorded for backend in BACKENDS]
+                timed = [run_timing[(model, name, backend)] for name in recorded for backend in BACKENDS]
+                run = [dataclasses.replace(r, quiet_s=0.0, reference_s=0.0, median_s=r.time_s, runtime=RUN_RUNTIME)
+                       for r in timed]
                 after = Predictor.fit(store_records + run)
                 for backend in BACKENDS:
                     rows = [judged_timing[(model, name, backend)] for name in others]

@@ -263,9 +263,10 @@ def _print_refit(store, directory) -> None:
     from edgeplan.runtime.pipeline import latest_run
 
     plan, run = Plan.from_json(directory), latest_run(directory)
-    predictor = Predictor.fit(store.load())
+    records = store.load()
+    predictor = Predictor.fit(records)
     fleet = load_fleet(plan.fleet)
-    print(f"refitted on {len(store.load())} record(s); latest run of {directory} (ms; a run's error is "
+    print(f"refitted on {len(records)} record(s); latest run of {directory} (ms; a run's error is "
           f"learned as far as the runs show more than a run's noise, so 'predicted now' nears "
           f"'measured' as more runs agree):")
     for stage in plan.stages:

@@ -621,20 +621,20 @@ def _shrunk_run_times(model: LatencyModel, records: Sequence[UnitProfile], keys_
     times = [record.time_s for record in records]
     spreads = [r.p90_s / r.p10_s - 1.0 for r in records if r.runtime != RUN_RUNTIME and r.p10_s > 0]
     noise = RUN_NOISE_PER_SPREAD * float(np.median(spreads)) if spreads else 0.0
-    errors_of: dict[tuple, list[tuple[int, float]]] = {}
+    errors_of: dict[tuple, list[tuple[int, float]]] = {}  # computation -> (record index, log error)
     for i, (record, keys, bases, joins) in enumerate(zip(records, keys_of, bases_of, joins_of)):
+        if record.runtime != RUN_RUNTIME or record.time_s <= 0:
+            continue
         predicted = float(bases.sum()) + joins - (len(keys) - 1) * model.run_overhead_s
-        if record.runtime == RUN_RUNTIME and record.time_s > 0 and predicted > 0:
+        if predicted > 0:
             errors_of.setdefault(tuple(keys), []).append((i, math.log(record.time_s / predicted)))
     if not errors_of or noise <= 0:
         return times
-    means = {computation: (float(np.mean([e for _, e in runs])), len(runs))
-             for computation, runs in errors_of.items()}
-    model_variance = max(float(np.mean([mean * mean - noise * noise / n for mean, n in means.values()])),
-                         noise * noise)
-    for computation, runs in errors_of.items():
-        n = means[computation][1]
-        weight = model_variance / (model_variance + noise * noise / n)
+    means = {computation: float(np.mean([e for _, e in runs])) for computation, runs in errors_of.items()}
+    model_variance = max(float(np.mean([means[computation] ** 2 - noise * noise / len(runs)
+                                        for computation, runs in errors_of.items()])), noise * noise)
+    for runs in errors_of.values():
+        weight = model_variance / (model_variance + noise * noise / len(runs))
         for i, error in runs:
             times[i] = records[i].time_s * math.exp((weight - 1.0) * error)
     return times
