@@ -96,7 +96,7 @@ reorders move in step with its convs' bytes, and the law gave them nothing on th
 backend (run G), so separable blocks, one pair of reorders for two convs, came out 14-22 %
 low. Where a join model is kept with a negative 4-D term, the law takes the `layout` rate
 from it and fits the other coefficients to what that leaves (`_layout_rate`): held-out
-stages on cpu1 within 10 % went 59-87 % -> 67-93 % in stores D-G (README).
+stages on cpu1 within 10 % went 59-87 % -> 67-93 % in stores D-G (bench/predictor_notes.md).
 
 Fallback. `LearnedCostModel` predicts a (unit, slot) pair from the model for the slot's
 device (by name or preset kind) and backend, if the model has seen every op kind of the
@@ -725,7 +725,7 @@ def choose_knots(records: Sequence[UnitProfile]) -> tuple[float, ...]:
     The families left out are the models', the sampled layer space staying in every fit: a
     model never profiled is new code over op kinds the layer space samples, while leaving a
     layer family out asks the law for an op family it never saw (that test kept the plain
-    law on the 1-thread backend where held-out models ran better binned, README). A store
+    law on the 1-thread backend where held-out models ran better binned, bench/predictor_notes.md). A store
     of layer families only leaves those out in turn."""
     labels = np.array([model_family(r.model) for r in records], dtype=object)
     families = set(labels)
@@ -803,7 +803,7 @@ def adapt(source: LatencyModel, samples: Sequence[UnitProfile], device: str, bac
     The source's residual model (how efficiency changes with size) is carried over and the
     coefficients are fitted to what it leaves. Its memory of measured computations (how
     far each ran from its prediction) is carried over too, the samples' own measurements
-    replacing it where they timed the same computation (README, Learned latency predictor:
+    replacing it where they timed the same computation (bench/predictor_notes.md:
     neutral within this host, better between machines on three of four backend pairs).
     Its join model is carried over at the samples' scale.
     """
