@@ -195,3 +195,33 @@ def test_cli_plan_only_on_meta(tmp_path, capsys):
     assert (out / "plan.json").is_file() and not (out / "manifest.json").exists()
     plan = Plan.from_json(out)
     assert sum(s.param_bytes for s in plan.stages) >= 26e9
+
+
+def test_sessions_run_once_on_zeros_when_opened(compiled, monkeypatch):
+    """A session's first run pays for its buffers and thread pool (1.6x a warm run here);
+    open_session pays it on zeros so that no measured microbatch does."""
+    from edgeplan.runtime import session as session_module
+    from edgeplan.runtime.manifest import read_manifest
+
+    out = compiled[0]
+    calls = []
+    real_run = session_module.StageSession.run
+
+    def recording_run(self, feeds):
+        calls.append((self.stage.index, {name: (a.shape, a.dtype, bool(a.any())) for name, a in feeds.items()}))
+        return real_run(self, feeds)
+
+    monkeypatch.setattr(session_module.StageSession, "run", recording_run)
+    manifest = read_manifest(out)
+    edgeplan.runtime.load(out)
+    assert calls == [(s.index, {t.name: (tuple(t.shape), np.dtype(t.dtype), False) for t in s.inputs})
+                     for s in manifest.stages]
+    calls.clear()
+    session_module.open_session(out, manifest.stages[0], warm_up=False)
+    assert calls == []
+
+    def failing_run(self, feeds):
+        raise session_module.StageError("zeros are not a valid input here")
+
+    monkeypatch.setattr(session_module.StageSession, "run", failing_run)
+    assert session_module.open_session(out, manifest.stages[0]).stage.index == 0  # warm-up skipped
