@@ -8,11 +8,18 @@ compiler does, then split so that every unit is its own stage. The stage modules
 order on the example inputs (as `emit_stages` does) to get each unit's concrete inputs;
 each unit is exported to ONNX in a temporary directory and timed in an ONNX Runtime
 session with `intra_op_num_threads = t` (inter-op 1, sequential execution, default graph
-optimizations, as the runtime's StageSession) for each t, with intra-op spinning off
-(`session.intra_op.allow_spinning = 0`): a thread pool that spins after a run keeps a
-vCPU busy while the next session is timed (on this 2-vCPU VM at load 2-4, 2-thread
-medians of 46 units moved by 18 % (median) between the halves of one pass with spinning,
-1.6 % without; spinning also tripled the pass's wall time). While a 1-thread session is
+optimizations, intra-op spinning on: as the runtime's StageSession) for each t. Without
+spinning a pool's worker sleeps between parallel ops and every op waits for it to wake:
+on this VM the held-out CNN's units ran 0.65-0.86x their 1-thread time on two spinning
+threads and 1.1-1.4x on two sleeping ones, HF GPT-2's LM head 0.58x and 1.06x, so a
+profile without spinning prices a 2-thread stage up to twice what the runtime runs it
+in (stores before this change, bench/data host-j ... host-r, did). In each round the
+1-thread sessions are timed first, then each multi-thread session after
+SPIN_WAKE_RUNS untimed runs (its pool awake and spinning, as between a pipeline's
+microbatches) and followed by a pause of SPIN_SETTLE_S, until its pool stops spinning: a
+pool left spinning takes a vCPU from the session timed next (HF GPT-2-256 as one stage,
+2 threads: 3.7-4.1 ms per run after a pause, 5.6-8.2 ms right after another spinning
+session of it, and 14 ms in a bench run without pauses). While a 1-thread session is
 timed the calling thread is pinned to one CPU (`os.sched_setaffinity`; sessions are
 created unpinned, so 2-thread pools keep every CPU): in one test unpinned 1-thread medians
 moved by 20 % between the halves of a pass, pinned by 0.5 %. Every session is warmed up
@@ -124,6 +131,12 @@ MAX_RETRY_WAIT_S = 8.0
 # interleaved, spread 2.5-3.3 % (cpu1) and 7.8-8.0 % (cpu2) with 6 rounds, 4.4-5.9 % and
 # 11.8-47.7 % with 3).
 ROUNDS = 6
+# Untimed runs of a multi-thread session in each round before it is timed, so its pool's
+# workers are awake; and the pause after it, so that its pool has stopped spinning before
+# the next session is timed (a spinning pool went on slowing a pinned 1-thread reference
+# by 4 % for 40-60 ms after its last run here).
+SPIN_WAKE_RUNS = 3
+SPIN_SETTLE_S = 0.1
 MAD_SCALE = 1.4826  # MAD * 1.4826 estimates the standard deviation of a normal sample
 
 Progress = Callable[[int, int, str], None]
@@ -307,8 +320,7 @@ def _session(path: Path | bytes, threads: int):
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
-    # Spinning pool threads of idle sessions steal the shared vCPUs (module docstring).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # ONNX Runtime's default intra-op spinning stays on, as in the runtime (module docstring).
     model = path if isinstance(path, bytes) else str(path)
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
@@ -570,20 +582,30 @@ def profile_units(model, example_inputs, *, threads: Sequence[int] = (1, 2), war
         for t, session in references.items():
             with pinned_for(t):
                 warm_up(session, reference_feeds, warmup)
+        if max(timed_threads) > 1:
+            time.sleep(SPIN_SETTLE_S)  # the warmed pools stop spinning before anything is timed
+
+        def timed_by_threads(sessions, repeats_each: int) -> list[list[float]]:
+            """Per-run seconds of each (session, feeds, threads), 1-thread sessions first,
+            each multi-thread one woken first and left to stop spinning after (module
+            docstring: spinning); returned in the given order."""
+            timed: list[list[float]] = [[] for _ in sessions]
+            for i in sorted(range(len(sessions)), key=lambda i: sessions[i][2]):
+                session, feeds, t = sessions[i]
+                with pinned_for(t):
+                    timed[i] = time_session(session, feeds, SPIN_WAKE_RUNS if t > 1 else 0, repeats_each,
+                                            MIN_ROUND_S)
+                if t > 1:
+                    time.sleep(SPIN_SETTLE_S)
+            return timed
 
         def reference_times() -> dict[int, float]:
-            times = {}
-            for t, session in references.items():
-                with pinned_for(t):
-                    times[t] = float(np.median(time_session(session, reference_feeds, 0, 5, MIN_ROUND_S)))
-            return times
+            timed = timed_by_threads([(session, reference_feeds, t) for t, session in references.items()], 5)
+            return {t: float(np.median(samples)) for t, samples in zip(references, timed)}
 
         def time_round() -> list[list[float]]:
-            timed = []
-            for (session, feeds), (*_, t) in zip(runs, keys):
-                with pinned_for(t):
-                    timed.append(time_session(session, feeds, 0, math.ceil(repeats / rounds), MIN_ROUND_S))
-            return timed
+            return timed_by_threads([(session, feeds, t) for (session, feeds), (*_, t) in zip(runs, keys)],
+                                    math.ceil(repeats / rounds))
 
         # Every round timed: the slower of the reference times before and after it (per
         # thread count) and its samples per session; choose_rounds says when to stop.

@@ -142,6 +142,51 @@ def test_the_wait_before_a_round_timed_again_doubles(tiny, monkeypatch):
     assert profile.MAX_RETRY_WAIT_S == 8.0 and records and all(r.quiet_s > 0 for r in records)
 
 
+def test_multi_thread_sessions_are_timed_spinning_as_the_runtime_runs_them(tiny, monkeypatch):
+    """A 2-thread pool whose workers sleep between ops ran the held-out CNN's units at
+    1.1-1.4x their 1-thread time here, spinning (the runtime's sessions) at 0.65-0.86x: so
+    spinning stays on, each round times its 1-thread sessions first, every multi-thread one
+    after SPIN_WAKE_RUNS untimed runs, and nothing right after a multi-thread one (its pool
+    still spins for SPIN_SETTLE_S)."""
+    from edgeplan.planner import profile
+
+    events = []
+    real_time_session = profile.time_session
+
+    def recording_time_session(session, feeds, warmup, repeats, min_s=0.0):
+        options = session.get_session_options()
+        try:
+            spinning = options.get_session_config_entry("session.intra_op.allow_spinning")
+        except Exception:  # onnxruntime raises when the entry was never set: its default, on
+            spinning = "1"
+        events.append(("time", options.intra_op_num_threads, warmup, spinning))
+        return real_time_session(session, feeds, warmup, repeats, min_s)
+
+    monkeypatch.setattr(profile, "time_session", recording_time_session)
+    monkeypatch.setattr(profile.time, "sleep", lambda seconds: events.append(("sleep", seconds)))
+    model, inputs = tiny
+    records = profile_units(model, inputs, threads=(2, 1), repeats=1, rounds=2, extra_rounds=0)
+    assert [r.backend for r in records[:2]] == ["cpu2", "cpu1"]  # the order asked for
+    timed = [e for e in events if e[0] == "time"]
+    assert {spinning for *_, spinning in timed} == {"1"}
+    assert {(threads, warmup) for _, threads, warmup, _ in timed} == {(1, 0), (2, profile.SPIN_WAKE_RUNS)}
+    settled = True
+    for event in events:
+        if event[0] == "sleep":
+            settled = settled or event[1] == profile.SPIN_SETTLE_S
+        else:
+            assert settled, "a session was timed while a 2-thread pool could still spin"
+            settled = event[1] == 1
+    # every block of timings between pauses runs its 1-thread sessions before its 2-thread ones
+    block = []
+    for event in [*events, ("sleep", 0.0)]:
+        if event[0] == "sleep":
+            assert block == sorted(block)
+            block = []
+        else:
+            block.append(event[1])
+
+
 def test_fastest_reference_of_this_hosts_records(profiled):
     import dataclasses
 
