@@ -101,6 +101,12 @@ stages on cpu1 within 10 % went 59-87 % -> 67-93 % in stores D-G (bench/predicto
 Fallback. `LearnedCostModel` predicts a (unit, slot) pair from the model for the slot's
 device (by name or preset kind) and backend, if the model has seen every op kind of the
 unit; everything else is costed by the roofline and marked in `CostTables.guessed`.
+
+Thread pools. A multi-thread record profiled with its ONNX Runtime pool sleeping between
+ops (every edgeplan before the profiler kept pools spinning, as the runtime's sessions do)
+times a backend the runtime never runs, up to 2x slower (planner/profile.py). A backend
+that has spinning records is fitted without the sleeping ones; one that has only sleeping
+records is fitted on them and says so in plans (`older_note`).
 """
 
 from __future__ import annotations
@@ -121,6 +127,7 @@ from edgeplan.planner.profile import (
     OP_KINDS,
     RUN_RUNTIME,
     UnitProfile,
+    sleeping_pool,
     unit_features,
 )
 
@@ -483,6 +490,10 @@ class LatencyModel:
     # and the kinds they lack.
     older_records: int = 0
     older_kinds: tuple[str, ...] = ()
+    # Records that timed a multi-thread pool sleeping (`sleeping_pool`): fitted on, where the
+    # backend has no others, or left out.
+    sleeping_records: int = 0
+    sleeping_left_out: int = 0
 
     @property
     def run_overhead_s(self) -> float:
@@ -498,13 +509,22 @@ class LatencyModel:
 
     @property
     def older_note(self) -> str:
-        """For plans, where some records were profiled with older features: how many, and
-        what it costs (a unit with a kind no record has falls back to the roofline)."""
-        if not self.older_records:
-            return ""
-        return (f" ({self.older_records} of them profiled before op kind(s) {', '.join(self.older_kinds)} "
-                f"existed: units with those kinds fall back to the roofline where no newer record "
-                f"has them; profile those models again)")
+        """For plans, where some records were profiled by an older edgeplan: with older
+        features (how many, and what it costs: a unit with a kind no record has falls back
+        to the roofline), or timing the backend's thread pool sleeping."""
+        notes = []
+        if self.older_records:
+            notes.append(f"{self.older_records} of them profiled before op kind(s) "
+                         f"{', '.join(self.older_kinds)} existed: units with those kinds fall back to "
+                         f"the roofline where no newer record has them; profile those models again")
+        if self.sleeping_records:
+            notes.append(f"{self.sleeping_records} of them timed its thread pool sleeping between ops, "
+                         f"as edgeplan profiled before it timed pools spinning like the runtime runs "
+                         f"them: they price the backend up to 2x slow; profile again")
+        if self.sleeping_left_out:
+            notes.append(f"{self.sleeping_left_out} older record(s) that timed its thread pool sleeping "
+                         f"left out: newer ones time it spinning, as the runtime runs it")
+        return "".join(f" ({note})" for note in notes)
 
     def covers(self, features: dict[str, float]) -> bool:
         return kinds_of(features) <= self.kinds
@@ -760,11 +780,22 @@ def _bytes_column(knots: tuple[float, ...], kind: str) -> int:
     return 1 + int(np.flatnonzero(_column_kinds(tuple(knots)) == PREDICTED_KINDS.index(kind))[-1])
 
 
+def _spinning_pool_records(records: Sequence[UnitProfile]) -> tuple[list[UnitProfile], int, int]:
+    """One backend's records without those that timed its pool sleeping where others time
+    it spinning (the two are different backends, up to 2x apart: profile.py), how many kept
+    ones timed it sleeping, and how many were left out."""
+    sleeping = [sleeping_pool(r) for r in records]
+    if any(r.spinning for r in records):
+        return [r for r, asleep in zip(records, sleeping) if not asleep], 0, sum(sleeping)
+    return list(records), sum(sleeping), 0
+
+
 def fit_model(records: Sequence[UnitProfile], device: str, backend: str) -> LatencyModel:
     """Fit one backend's model on its records: the additive law and the residual model on
     unit records (on all records where too few units were timed alone), the join model on
-    stage records whose units were."""
-    usable = [r for r in records if r.time_s > 0]
+    stage records whose units were. Records that timed a multi-thread pool sleeping are
+    left out where the backend has records that time it spinning."""
+    usable, sleeping, left_out = _spinning_pool_records([r for r in records if r.time_s > 0])
     if not usable:
         raise PredictorError(f"predictor: no records with a positive time for {device}/{backend}; "
                              f"profile it with `edgeplan profile MODEL --store FILE`")
@@ -777,7 +808,8 @@ def fit_model(records: Sequence[UnitProfile], device: str, backend: str) -> Late
     kinds = frozenset().union(*(kinds_of(r.features) for r in usable))
     older_records, older_kinds = _older(usable)
     model = LatencyModel(device, backend, coef, kinds, len(usable), size_knots=knots,
-                         older_records=older_records, older_kinds=older_kinds)
+                         older_records=older_records, older_kinds=older_kinds,
+                         sleeping_records=sleeping, sleeping_left_out=left_out)
     layout_s_per_byte = _layout_rate(fit_joins(usable, model.run_overhead_s))
     if layout_s_per_byte:
         coef = _relative_nnls(x, y, fixed={_bytes_column(knots, "layout"): layout_s_per_byte})
@@ -807,7 +839,7 @@ def adapt(source: LatencyModel, samples: Sequence[UnitProfile], device: str, bac
     neutral within this host, better between machines on three of four backend pairs).
     Its join model is carried over at the samples' scale.
     """
-    samples = [r for r in samples if r.time_s > 0]
+    samples, sleeping, left_out = _spinning_pool_records([r for r in samples if r.time_s > 0])
     coef, scale = source.coef * prior_scale, prior_scale
     if samples:
         x = np.array([feature_vector(r.features, source.size_knots) for r in samples])
@@ -821,6 +853,7 @@ def adapt(source: LatencyModel, samples: Sequence[UnitProfile], device: str, bac
     older_records, older_kinds = _older(samples)
     model = LatencyModel(device, backend, coef, source.kinds, len(samples),
                          older_records=older_records, older_kinds=older_kinds,
+                         sleeping_records=sleeping, sleeping_left_out=left_out,
                          source=f"{source.device}/{source.backend}", residual=source.residual,
                          join_coef=None if source.join_coef is None else source.join_coef * scale,
                          size_knots=source.size_knots)

@@ -68,11 +68,16 @@ rewritten); every line is a JSON object:
                   for every kind in OP_KINDS},
      "median_s": ..., "p10_s": ..., "p90_s": ..., "repeats": 15, "outliers": 0,
      "timestamp": "2025-01-01T12:00:00+00:00",
-     "parts": [], "reference_s": ..., "quiet_s": ...}
+     "parts": [], "reference_s": ..., "quiet_s": ..., "spinning": false}
 
 "reference_s" is the reference workload's time on the same backend while the record was
 measured, "quiet_s" the median of the quietest round (both 0 or absent: not measured, as
 in records written before they existed or taken from runs, whose time is median_s).
+"spinning" is true for a multi-thread session timed with its intra-op pool spinning, as the
+runtime runs it; false or absent for one thread, for runs, and for the multi-thread
+records of an edgeplan that timed the pool sleeping, which price a 2-thread backend up to
+twice too slow (`sleeping_pool`; the predictor leaves them out of a backend that has
+spinning records, and says so in a plan where it has only them).
 
 A stage-level record (a measured stage of a recorded run, `records_from_run`) has the
 stage's units in "unit" ("blocks.0..blocks.3"), the sum of their features in "features",
@@ -172,6 +177,10 @@ class UnitProfile:
     parts: tuple[dict[str, float], ...] = ()
     reference_s: float = 0.0
     quiet_s: float = 0.0
+    # A multi-thread session timed with its intra-op pool spinning, as the runtime runs it;
+    # False for one thread, runs, and multi-thread records of an edgeplan that timed the
+    # pool sleeping (`sleeping_pool`).
+    spinning: bool = False
 
     @property
     def time_s(self) -> float:
@@ -214,6 +223,8 @@ class UnitProfile:
                 continue
             if not _is_number(data[name]) or not math.isfinite(data[name]) or data[name] < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {data[name]!r}")
+        if "spinning" in data and not isinstance(data["spinning"], bool):
+            raise ValueError(f"spinning must be true or false, got {data['spinning']!r}")
         for name in ("repeats", "outliers", "unit_index"):
             if name in data and (not isinstance(data[name], int) or isinstance(data[name], bool)):
                 raise ValueError(f"{name} must be an integer, got {data[name]!r}")
@@ -273,6 +284,16 @@ class ProfileStore:
 
     def for_backend(self, device: str, backend: str) -> list[UnitProfile]:
         return [r for r in self.load() if r.device == device and r.backend == backend]
+
+
+def sleeping_pool(record: UnitProfile) -> bool:
+    """Whether a profiled record timed a multi-thread ONNX Runtime session with its pool
+    sleeping between ops (backend cpu{t}, t > 1, not `spinning`): a backend the runtime never
+    runs, as every edgeplan before the profiler kept pools spinning did. Records of runs and
+    hand-written ones (no "onnxruntime" runtime) are not judged."""
+    threads = re.fullmatch(r"cpu(\d+)", record.backend)
+    return (record.runtime.startswith("onnxruntime") and not record.spinning
+            and threads is not None and int(threads[1]) > 1)
 
 
 def unit_features(unit) -> dict[str, float]:
@@ -650,7 +671,8 @@ def profile_units(model, example_inputs, *, threads: Sequence[int] = (1, 2), war
                 timestamp=datetime.now(UTC).isoformat(timespec="seconds"), outliers=outliers,
                 unit_index=index, host=host, runtime=runtime,
                 parts=parts if len(parts) > 1 else (),
-                reference_s=float(np.median(reference_rounds[t])), quiet_s=quiet))
+                reference_s=float(np.median(reference_rounds[t])), quiet_s=quiet,
+                spinning=backend != TVM_BACKEND and t > 1))
     order = [backend_name(t) for t in threads] + [TVM_BACKEND]
     position = {_group_name(group): i for i, (_, _, group) in enumerate(stages)}
     records.sort(key=lambda r: (position[r.unit], order.index(r.backend)))
@@ -819,5 +841,6 @@ __all__ = [
     "records_from_run",
     "reference_model",
     "robust_stats",
+    "sleeping_pool",
     "unit_features",
 ]

@@ -818,6 +818,40 @@ def test_records_with_older_features_are_named_in_the_provenance():
     assert tables.guessed[0, cpu1]
 
 
+def test_records_that_timed_a_sleeping_pool_are_left_out_where_others_time_it_spinning():
+    """A 2-thread store profiled before pools were timed spinning, with newer records
+    appended: the old ones time a backend the runtime never runs (here 2x slower) and are
+    left out; a backend with only old ones is fitted on them and plans say so."""
+    profiled = "onnxruntime 1.20.0"
+    spinning = [dataclasses.replace(r, runtime=profiled, spinning=True)
+                for r in synthetic_records(MIN_FIT_RECORDS, seed=81, backend="cpu2")]
+    sleeping = [dataclasses.replace(r, runtime=profiled, unit=f"old-{r.unit}", median_s=2 * r.median_s,
+                                    p10_s=2 * r.p10_s, p90_s=2 * r.p90_s)
+                for r in synthetic_records(MIN_FIT_RECORDS, seed=82, backend="cpu2")]
+    held_out = synthetic_records(40, seed=83, backend="cpu2")
+    model = fit_model(spinning + sleeping, "host", "cpu2")
+    assert np.median(np.abs(relative_errors(model, held_out))) < 0.05
+    assert model.records == MIN_FIT_RECORDS and model.sleeping_left_out == MIN_FIT_RECORDS
+    assert model.older_note == (f" ({MIN_FIT_RECORDS} older record(s) that timed its thread pool "
+                                f"sleeping left out: newer ones time it spinning, as the runtime runs it)")
+    # the same store without the marks prices the backend too slow (by 21 % here)
+    unmarked = fit_model([dataclasses.replace(r, spinning=False) for r in spinning] + sleeping, "host", "cpu2")
+    assert np.median(relative_errors(unmarked, held_out)) > 0.15
+    # only old records: fitted on, and a plan is told to profile again
+    old_only = fit_model(sleeping, "host", "cpu2")
+    assert old_only.sleeping_records == MIN_FIT_RECORDS and old_only.sleeping_left_out == 0
+    assert "timed its thread pool sleeping between ops" in old_only.older_note
+    assert "profile again" in old_only.older_note
+    # adapting to the backend from a few samples leaves the old ones out the same way
+    source = fit_model(synthetic_records(MIN_FIT_RECORDS, seed=84), "host", "cpu1")
+    adapted = adapt(source, spinning[:5] + sleeping[:5], "host", "cpu2")
+    assert adapted.records == 5 and adapted.sleeping_left_out == 5
+    # one thread has no pool; runs and hand-written records (no ONNX Runtime named) are not judged
+    for records in (synthetic_records(MIN_FIT_RECORDS, seed=85),
+                    [dataclasses.replace(r, runtime=RUN_RUNTIME) for r in sleeping], held_out * 2):
+        assert fit_model(records, "host", records[0].backend).older_note == ""
+
+
 def conv_chain_records(models: int, seed: int, layout_s_per_byte=1 / 30e9):
     """Chains of single-conv units whose layout reorders (input and output, 2 x its
     activation bytes each way) cost `layout_s_per_byte`: in such units layout bytes move

@@ -24,6 +24,7 @@ from edgeplan.planner.profile import (
     profile_units,
     reference_model,
     robust_stats,
+    sleeping_pool,
 )
 
 TINY = {"n_layer": 2, "d_model": 64, "n_head": 2, "vocab": 128, "seq": 16}
@@ -58,6 +59,8 @@ def test_every_unit_has_a_record_per_backend(profiled):
             assert r.p10_s <= r.median_s <= r.p90_s
             # the quietest round's median is what a predictor learns
             assert 0 < r.quiet_s <= r.p90_s and r.time_s == r.quiet_s
+            # the 2-thread pool was timed spinning, as the runtime runs it; one thread has none
+            assert r.spinning == (backend == "cpu2") and not sleeping_pool(r)
     block = next(r for r in records if r.unit == "blocks.0")
     # the cut after a transformer block carries no 4-D tensor but the attention mask
     assert 0 <= block.features["cut_nchw_bytes"] < block.features["cut_bytes"]
@@ -255,6 +258,14 @@ def test_corrupt_line_names_file_and_line(profiled, tmp_path):
     path.write_text(json.dumps(older) + "\n")
     loaded = store.load()[0]
     assert loaded.reference_s == 0.0 and loaded.quiet_s == 0.0 and loaded.time_s == loaded.median_s
+    path.write_text(json.dumps({**records[0].to_dict(), "spinning": "yes"}) + "\n")
+    with pytest.raises(EdgeplanError, match="line 1.*spinning must be true or false"):
+        store.load()
+    # a 2-thread record of an edgeplan that timed pools sleeping: no "spinning" field
+    older = next(r for r in records if r.backend == "cpu2").to_dict()
+    del older["spinning"]
+    path.write_text(json.dumps(older) + "\n")
+    assert sleeping_pool(store.load()[0])
     path.write_text(json.dumps({**records[0].to_dict(), "version": 2}) + "\n")
     with pytest.raises(EdgeplanError, match="line 1.*version 2"):
         store.load()
@@ -355,6 +366,7 @@ def test_cli_profile_times_tvm_libraries_too(tmp_path, capsys):
     assert [(r.unit, r.backend) for r in records] == [(u, b) for u in units for b in ("cpu1", TVM_BACKEND)]
     for cpu, tvm in zip(records[::2], records[1::2]):
         assert tvm.quiet_s > 0 and tvm.features == cpu.features and tvm.reference_s == cpu.reference_s
+        assert not tvm.spinning and not sleeping_pool(tvm)  # one thread, no pool
     assert "host/tvm1" in capsys.readouterr().out
 
 
