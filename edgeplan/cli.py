@@ -249,9 +249,24 @@ def cmd_profile(args) -> int:
               + ("" if from_run else " (all of them are in the store already)"))
     written = store.append(records)
     print(f"\nappended {written} record(s) to {args.store}")
+    _report_sleeping_pools(measured, records, args.store)
     if args.from_run:
         _print_refit(store, args.from_run)
     return 0
+
+
+def _report_sleeping_pools(measured, records, store_path) -> None:
+    """Say which backends' older records, which timed a multi-thread pool sleeping, the
+    predictor leaves out now that new records time it spinning (planner/predictor.py)."""
+    from edgeplan.planner.predictor import spinning_pool_records
+
+    for device, backend in dict.fromkeys((r.device, r.backend) for r in records if r.spinning):
+        _, _, older = spinning_pool_records(
+            [r for r in (*measured, *records) if (r.device, r.backend) == (device, backend)])
+        if older:
+            print(f"profile: {store_path} holds {older} older record(s) of {device}/{backend} that "
+                  f"timed its thread pool sleeping; the predictor leaves them out now that the "
+                  f"backend has records timed spinning, as the runtime runs it", file=sys.stderr)
 
 
 def _print_refit(store, directory) -> None:

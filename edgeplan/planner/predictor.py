@@ -780,14 +780,16 @@ def _bytes_column(knots: tuple[float, ...], kind: str) -> int:
     return 1 + int(np.flatnonzero(_column_kinds(tuple(knots)) == PREDICTED_KINDS.index(kind))[-1])
 
 
-def _spinning_pool_records(records: Sequence[UnitProfile]) -> tuple[list[UnitProfile], int, int]:
+def spinning_pool_records(records: Sequence[UnitProfile]) -> tuple[list[UnitProfile], int, int]:
     """One backend's records without those that timed its pool sleeping where others time
     it spinning (the two are different backends, up to 2x apart: profile.py), how many kept
-    ones timed it sleeping, and how many were left out."""
-    sleeping = [sleeping_pool(r) for r in records]
+    ones timed it sleeping, and how many were left out. A backend with spinning records
+    runs a pool, whatever its name (`edgeplan profile --backend` renames cpu{t}), so there
+    every profiled record without the mark timed it sleeping."""
     if any(r.spinning for r in records):
-        return [r for r, asleep in zip(records, sleeping) if not asleep], 0, sum(sleeping)
-    return list(records), sum(sleeping), 0
+        kept = [r for r in records if r.spinning or not r.runtime.startswith("onnxruntime")]
+        return kept, 0, len(records) - len(kept)
+    return list(records), sum(sleeping_pool(r) for r in records), 0
 
 
 def fit_model(records: Sequence[UnitProfile], device: str, backend: str) -> LatencyModel:
@@ -795,7 +797,7 @@ def fit_model(records: Sequence[UnitProfile], device: str, backend: str) -> Late
     unit records (on all records where too few units were timed alone), the join model on
     stage records whose units were. Records that timed a multi-thread pool sleeping are
     left out where the backend has records that time it spinning."""
-    usable, sleeping, left_out = _spinning_pool_records([r for r in records if r.time_s > 0])
+    usable, sleeping, left_out = spinning_pool_records([r for r in records if r.time_s > 0])
     if not usable:
         raise PredictorError(f"predictor: no records with a positive time for {device}/{backend}; "
                              f"profile it with `edgeplan profile MODEL --store FILE`")
@@ -839,7 +841,7 @@ def adapt(source: LatencyModel, samples: Sequence[UnitProfile], device: str, bac
     neutral within this host, better between machines on three of four backend pairs).
     Its join model is carried over at the samples' scale.
     """
-    samples, sleeping, left_out = _spinning_pool_records([r for r in samples if r.time_s > 0])
+    samples, sleeping, left_out = spinning_pool_records([r for r in samples if r.time_s > 0])
     coef, scale = source.coef * prior_scale, prior_scale
     if samples:
         x = np.array([feature_vector(r.features, source.size_knots) for r in samples])
@@ -999,4 +1001,5 @@ __all__ = [
     "nnls",
     "older_features",
     "residual_features",
+    "spinning_pool_records",
 ]

@@ -842,6 +842,10 @@ def test_records_that_timed_a_sleeping_pool_are_left_out_where_others_time_it_sp
     assert old_only.sleeping_records == MIN_FIT_RECORDS and old_only.sleeping_left_out == 0
     assert "timed its thread pool sleeping between ops" in old_only.older_note
     assert "profile again" in old_only.older_note
+    # a fleet backend's name says nothing of its threads (`profile --backend cpu`): marked
+    # records say it runs a pool
+    renamed = [dataclasses.replace(r, backend="cpu") for r in spinning + sleeping]
+    assert fit_model(renamed, "jetson", "cpu").sleeping_left_out == MIN_FIT_RECORDS
     # adapting to the backend from a few samples leaves the old ones out the same way
     source = fit_model(synthetic_records(MIN_FIT_RECORDS, seed=84), "host", "cpu1")
     adapted = adapt(source, spinning[:5] + sleeping[:5], "host", "cpu2")

@@ -1,5 +1,6 @@
 """Per-unit profiling on the host's ONNX Runtime CPU backends, and the profile store."""
 
+import dataclasses
 import json
 import os
 import statistics
@@ -327,6 +328,16 @@ def test_cli_profile_writes_store(tmp_path, capsys):
     assert "host/cpu1" in captured.out and "host/cpu2" in captured.out
     assert "total" in captured.out and str(store) in captured.out
     assert "\r" in captured.err
+    assert "older record" not in captured.err
+    # the store as an edgeplan that timed pools sleeping left it, profiled again: the
+    # profile says which of its records the predictor now leaves out
+    store.write_text("")
+    ProfileStore(store).append([dataclasses.replace(r, spinning=False) for r in records])
+    assert main(["profile", f"{factory}:build", "--store", str(store), "--threads", "2",
+                 "--repeats", "2", "--retries", "0"]) == 0
+    older = sum(r.backend == "cpu2" for r in records)
+    assert (f"{store} holds {older} older record(s) of host/cpu2 that timed its thread pool sleeping"
+            in capsys.readouterr().err)
 
 
 
