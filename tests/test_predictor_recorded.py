@@ -81,6 +81,15 @@ def test_held_out_stages_of_a_store_timed_as_the_runtime_runs_two_threads():
     assert stages["cpu2"][0] <= 0.08 and stages["cpu2"][1] >= 0.55  # 7.4 % / 63 %
 
 
+def test_held_out_stages_of_a_quiet_store_meet_the_target_on_one_thread():
+    """Store U, the second timed as the runtime runs two threads, in a quiet phase (noise
+    floor 1.2 % / 98 % on cpu1, 3.3 % / 87 % on cpu2): cpu1 meets the target on every
+    held-out family; cpu2 is short of it by what the law misses on two threads."""
+    stages = stage_figures(DATA / "host-u")
+    assert stages["cpu1"][0] <= 0.035 and stages["cpu1"][1] >= 0.95  # 2.5 % / 100 % when recorded
+    assert stages["cpu2"][0] <= 0.065 and stages["cpu2"][1] >= 0.55  # 5.4 % / 63 %
+
+
 def test_learned_beats_the_roofline_on_every_backend(recorded):
     bench, predictor, _, _, stages = recorded
     for backend in bench.BACKENDS:
