@@ -81,13 +81,17 @@ def test_held_out_stages_of_a_store_timed_as_the_runtime_runs_two_threads():
     assert stages["cpu2"][0] <= 0.08 and stages["cpu2"][1] >= 0.55  # 7.4 % / 63 %
 
 
-def test_held_out_stages_of_a_quiet_store_meet_the_target_on_one_thread():
-    """Store U, the second timed as the runtime runs two threads, in a quiet phase (noise
-    floor 1.2 % / 98 % on cpu1, 3.3 % / 87 % on cpu2): cpu1 meets the target on every
-    held-out family; cpu2 is short of it by what the law misses on two threads."""
-    stages = stage_figures(DATA / "host-u")
-    assert stages["cpu1"][0] <= 0.035 and stages["cpu1"][1] >= 0.95  # 2.5 % / 100 % when recorded
-    assert stages["cpu2"][0] <= 0.065 and stages["cpu2"][1] >= 0.55  # 5.4 % / 63 %
+@pytest.mark.parametrize("store, cpu1, cpu2", [
+    ("host-u", (0.035, 0.95), (0.065, 0.55)),  # 2.5 % / 100 % and 5.4 % / 63 % when recorded
+    ("host-v", (0.040, 0.95), (0.085, 0.55)),  # 3.1 % / 98 % and 7.4 % / 63 %
+])
+def test_held_out_stages_of_quiet_stores_meet_the_target_on_one_thread(store, cpu1, cpu2):
+    """Stores U and V, timed as the runtime runs two threads, in quiet phases (noise floor
+    of the cpu1 stages 1.2 % and 0.4 %, of the cpu2 stages 3.3 % / 87 % and 3.0 % / 78 %):
+    cpu1 meets the target; cpu2 is short of it by what the law misses on two threads."""
+    stages = stage_figures(DATA / store)
+    assert stages["cpu1"][0] <= cpu1[0] and stages["cpu1"][1] >= cpu1[1]
+    assert stages["cpu2"][0] <= cpu2[0] and stages["cpu2"][1] >= cpu2[1]
 
 
 def test_learned_beats_the_roofline_on_every_backend(recorded):
