@@ -129,6 +129,7 @@ from edgeplan.planner.profile import (
     UnitProfile,
     sleeping_pool,
     unit_features,
+    unmarked_profile,
 )
 
 # Kinds whose nodes cost time; views alias, "fused" ops run inside the convolution before
@@ -787,7 +788,7 @@ def spinning_pool_records(records: Sequence[UnitProfile]) -> tuple[list[UnitProf
     runs a pool, whatever its name (`edgeplan profile --backend` renames cpu{t}), so there
     every profiled record without the mark timed it sleeping."""
     if any(r.spinning for r in records):
-        kept = [r for r in records if r.spinning or not r.runtime.startswith("onnxruntime")]
+        kept = [r for r in records if not unmarked_profile(r)]
         return kept, 0, len(records) - len(kept)
     return list(records), sum(sleeping_pool(r) for r in records), 0
 

@@ -286,14 +286,19 @@ class ProfileStore:
         return [r for r in self.load() if r.device == device and r.backend == backend]
 
 
+def unmarked_profile(record: UnitProfile) -> bool:
+    """Whether a record was profiled on ONNX Runtime without the `spinning` mark: one thread,
+    or a pool timed sleeping. Records of runs and hand-written ones (no "onnxruntime"
+    runtime) are not profiles."""
+    return record.runtime.startswith("onnxruntime") and not record.spinning
+
+
 def sleeping_pool(record: UnitProfile) -> bool:
     """Whether a profiled record timed a multi-thread ONNX Runtime session with its pool
-    sleeping between ops (backend cpu{t}, t > 1, not `spinning`): a backend the runtime never
-    runs, as every edgeplan before the profiler kept pools spinning did. Records of runs and
-    hand-written ones (no "onnxruntime" runtime) are not judged."""
+    sleeping between ops (backend cpu{t}, t > 1, unmarked): a backend the runtime never
+    runs, as every edgeplan before the profiler kept pools spinning did."""
     threads = re.fullmatch(r"cpu(\d+)", record.backend)
-    return (record.runtime.startswith("onnxruntime") and not record.spinning
-            and threads is not None and int(threads[1]) > 1)
+    return unmarked_profile(record) and threads is not None and int(threads[1]) > 1
 
 
 def unit_features(unit) -> dict[str, float]:
@@ -672,7 +677,7 @@ def profile_units(model, example_inputs, *, threads: Sequence[int] = (1, 2), war
                 unit_index=index, host=host, runtime=runtime,
                 parts=parts if len(parts) > 1 else (),
                 reference_s=float(np.median(reference_rounds[t])), quiet_s=quiet,
-                spinning=backend != TVM_BACKEND and t > 1))
+                spinning=t > 1))
     order = [backend_name(t) for t in threads] + [TVM_BACKEND]
     position = {_group_name(group): i for i, (_, _, group) in enumerate(stages)}
     records.sort(key=lambda r: (position[r.unit], order.index(r.backend)))
@@ -843,4 +848,5 @@ __all__ = [
     "robust_stats",
     "sleeping_pool",
     "unit_features",
+    "unmarked_profile",
 ]
