@@ -47,7 +47,7 @@ def test_held_out_stages_as_recorded(recorded):
     cpu1 = [r for r in stages if r.backend == "cpu1"]
     assert len(cpu1) == 46
     median, within = figures(bench, predictor.models[("host", "cpu1")], cpu1)
-    assert median <= 0.05 and within >= 0.88  # 4.1 % / 93 % when recorded
+    assert median <= 0.05 and within >= 0.88  # 4.1 % / 93 % when recorded, 4.3 % / 93 % with copies
     cnn = [r for r in cpu1 if r.model.startswith("sep-cnn")]
     median, within = figures(bench, predictor.models[("host", "cpu1")], cnn)
     assert median <= 0.04 and within >= 0.85  # 2.0 % / 100 %; 14.8 % / 21 % with epilogues priced by bytes
@@ -68,22 +68,26 @@ def test_held_out_stages_of_a_second_fresh_store():
     """Store Q, profiled in a fast phase in another session than N, by the same profiling
     code: its held-out stages meet the target on cpu1 too."""
     stages = stage_figures(DATA / "host-q")
-    assert stages["cpu1"][0] <= 0.05 and stages["cpu1"][1] >= 0.90  # 2.8 % / 93 % when recorded
-    assert stages["cpu2"][0] <= 0.08  # 6.3 %
+    assert stages["cpu1"][0] <= 0.05 and stages["cpu1"][1] >= 0.90  # 2.8 % / 93 % when recorded, 3.2 % / 93 % now
+    assert stages["cpu2"][0] <= 0.08  # 6.3 %, 6.2 % now
 
 
 def test_held_out_stages_of_a_store_timed_as_the_runtime_runs_two_threads():
     """Store T, the first whose 2-thread sessions were timed spinning, as the runtime runs
-    them (planner/profile.py): its cpu2 stages are within 1.5 points of their own noise
-    floor (5.9 % / 65 %), and cpu1 keeps 90 % of its stages within 10 %."""
+    them (planner/profile.py): its cpu2 stages are within 0.1 points of their own noise
+    floor's median (5.9 % / 65 %), and cpu1 meets the target. Transposes and splits
+    costed as the copies ONNX Runtime runs (annotate: kind "copy") took cpu2 from 7.4 % / 63 %
+    to 6.0 % / 72 % and cpu1 from 5.1 % / 93 % to 4.9 % / 91 %."""
     stages = stage_figures(DATA / "host-t")
-    assert stages["cpu1"][0] <= 0.055 and stages["cpu1"][1] >= 0.90  # 5.1 % / 93 % when recorded
-    assert stages["cpu2"][0] <= 0.08 and stages["cpu2"][1] >= 0.55  # 7.4 % / 63 %
+    assert stages["cpu1"][0] <= 0.05 and stages["cpu1"][1] >= 0.90  # 4.9 % / 91 %
+    assert stages["cpu2"][0] <= 0.065 and stages["cpu2"][1] >= 0.68  # 6.0 % / 72 %
 
 
 @pytest.mark.parametrize("store, cpu1, cpu2", [
-    ("host-u", (0.035, 0.95), (0.065, 0.55)),  # 2.5 % / 100 % and 5.4 % / 63 % when recorded
-    ("host-v", (0.040, 0.95), (0.085, 0.55)),  # 3.1 % / 98 % and 7.4 % / 63 %
+    # 2.5 % / 100 % and 5.4 % / 63 % when recorded; 2.2 % / 100 % and 6.2 % / 72 % with copies
+    ("host-u", (0.030, 0.95), (0.065, 0.68)),
+    # 3.1 % / 98 % and 7.4 % / 63 %; 2.9 % / 98 % and 6.8 % / 76 % with copies
+    ("host-v", (0.035, 0.95), (0.075, 0.70)),
 ])
 def test_held_out_stages_of_quiet_stores_meet_the_target_on_one_thread(store, cpu1, cpu2):
     """Stores U and V, timed as the runtime runs two threads, in quiet phases (noise floor

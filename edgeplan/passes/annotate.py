@@ -12,7 +12,12 @@ NCHW input as it is, several times slower per FLOP: image stems; else "conv");
 scaled-dot-product attention 4*B*H*L*S*E plus the
 softmax; norms and softmax 5 per output element; other elementwise ops and reductions one
 per element; views, embedding gathers and shape ops none. Views alias their input, so
-they carry no bytes of their own. An inference batch norm that reads a convolution's
+they carry no bytes of their own, except those ONNX runs as copies (kind "copy": a
+transpose or permute of an activation is a Transpose, a split, chunk or unbind a Split,
+each reading and writing the tensor; the 4-5 of a GPT-2 block's attention were 7 % of its
+time on two threads here). A transpose of the last two dims that only matmuls read stays
+a view (ONNX Runtime folds it into the matmul: FusedMatMul), as does one of a weight
+(constant-folded). An inference batch norm that reads a convolution's
 only output, and a ReLU/clamp/sigmoid/tanh/leaky ReLU that reads such a convolution (or
 its folded batch norm), are folded into the convolution by inference runtimes (ONNX
 Runtime's Conv+BatchNormalization and Conv+activation fusions): the batch norm and a ReLU
@@ -66,6 +71,9 @@ VIEW_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
             aten.clone.default, aten.to.dtype, aten.to.device,
             aten._assert_tensor_metadata.default, operator.getitem}
 # Ops that only create shapes/constants: free, like views.
+# View ops ONNX exports as kernels that copy (Transpose, Split): kind "copy" on activations.
+COPY_OPS = {aten.permute.default, aten.transpose.int, aten.split.Tensor, aten.chunk.default,
+            aten.unbind.int}
 SHAPE_OPS = {aten.arange.default, aten.arange.start, aten.arange.start_step, aten.zeros.default,
              aten.ones.default, aten.full.default, aten.scalar_tensor.default, aten.sym_size.int,
              aten.empty.memory_format}
@@ -147,11 +155,42 @@ def _flops(node: torch.fx.Node, out: TensorSpec | None) -> tuple[str, int]:
     if target in REDUCE_OPS:
         inputs = _spec(args[0])
         return "reduce", max(_numel(inputs), out_elems)
+    if target in COPY_OPS and _copies(node):
+        return "copy", 0
     if target in VIEW_OPS or target in SHAPE_OPS:
         return "view", 0
     if out is not None:
         return "elementwise", out_elems
     return "other", 0
+
+
+def _copies(node: torch.fx.Node) -> bool:
+    """Whether ONNX Runtime runs a COPY_OPS node as a copy: not where it reads a weight
+    (through views; constant-folded), nor where it swaps the last two dims for matmuls only
+    (folded into them: FusedMatMul's transposed operand)."""
+    base = node.args[0]
+    while isinstance(base, torch.fx.Node):
+        cost = base.meta.get(COST_KEY)
+        if base.op == "get_attr" or cost is None or cost.kind == "param":
+            return False
+        if cost.kind != "view" or not base.all_input_nodes:
+            break
+        base = base.all_input_nodes[0]
+    readers = _readers(node)
+    return not (readers and all(r.target in MATMUL_OPS for r in readers) and _swaps_last_two(node))
+
+
+def _swaps_last_two(node: torch.fx.Node) -> bool:
+    spec = _spec(node.args[0])
+    rank = len(spec.shape) if spec is not None else 0
+    if rank < 2:
+        return False
+    if node.target is aten.transpose.int:
+        return {int(d) % rank for d in node.args[1:3]} == {rank - 2, rank - 1}
+    if node.target is aten.permute.default:
+        dims = [int(d) % rank for d in node.args[1]]
+        return dims == list(range(rank - 2)) + [rank - 1, rank - 2]
+    return False
 
 
 def annotate(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

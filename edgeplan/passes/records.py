@@ -50,7 +50,8 @@ class OpCost:
     """Static cost of one FX node.
 
     kind: "matmul" | "conv" | "stem" | "depthwise" | "attention" | "norm" | "elementwise" |
-    "reduce" | "embedding" | "view" | "fused" (folded into the convolution before it and
+    "reduce" | "embedding" | "copy" (a view op ONNX runs as a Transpose or Split) | "view" |
+    "fused" (folded into the convolution before it and
     applied by its kernel: no FLOPs or bytes) | "epilogue" (folded into the convolution
     before it, applied in a pass over its output) | "input" | "param" | "other".
     `bytes_moved` counts inputs, outputs and weights read once (the memory-bound term of a

@@ -115,7 +115,7 @@ RUN_RUNTIME = "edgeplan run"
 # Records of the sampled layer space (planner/layer_space.py) are named "<prefix><family>".
 LAYER_SPACE_PREFIX = "layers-"
 OP_KINDS = ("matmul", "conv", "stem", "depthwise", "attention", "norm", "elementwise", "reduce",
-            "embedding", "layout", "epilogue", "view", "fused", "other")
+            "embedding", "layout", "epilogue", "copy", "view", "fused", "other")
 # A run is an outlier when it lies more than this many scaled MADs from the median.
 OUTLIER_MADS = 3.0
 # Warm-up and timed time per round: enough runs for a unit of tens of microseconds to

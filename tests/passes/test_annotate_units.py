@@ -264,6 +264,44 @@ def test_layout_reorders_are_the_ones_onnx_runtime_adds():
     assert ort_counts == list(counts.values())
 
 
+class HeadsAttention(nn.Module):
+    """Multi-head attention written out: a fused QKV projection split in three, heads
+    transposed in and out, the keys transposed for the score matmul, and a weight used
+    transposed."""
+
+    def __init__(self, width: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Parameter(torch.randn(width, width))
+
+    def forward(self, x):
+        batch, length, width = x.shape
+        q, k, v = self.qkv(x).split(width, dim=2)
+        q, k, v = (t.view(batch, length, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        scores = (q @ k.transpose(-2, -1)).softmax(dim=-1)
+        y = (scores @ v).transpose(1, 2).reshape(batch, length, width)
+        return y @ self.out.t()
+
+
+def test_views_onnx_runs_as_copies_are_costed_as_copies():
+    inputs = (torch.randn(2, 8, 32),)
+    gm = annotate(capture(HeadsAttention().eval(), inputs))
+    copies = costs_by_kind(gm)["copy"]
+    # the split and the four head transposes; not the keys' (folded into the score
+    # matmul) nor the weight's (constant-folded)
+    assert len(copies) == 5
+    activation = 4 * 2 * 8 * 32
+    # each reads and writes its tensor: the split the whole QKV output (three activations)
+    assert sorted(c.bytes_moved for c in copies) == [2 * activation] * 4 + [6 * activation]
+    assert all(c.flops == 0 for c in copies)
+    units = group_units(gm)
+    per_unit = [sum(m.count for m in u.op_mix if m.kind == "copy") for u in units]
+    assert sum(per_unit) == 5
+    ort_ops = _onnx_runtime_ops(gm, units, inputs)
+    assert [ops["Transpose"] + ops["Split"] for ops in ort_ops] == per_unit
+
+
 class WrittenOutRMSNorm(nn.Module):
     """HF LLaMA's RMSNorm (casts to float32 around it), then one that squares by x ** 3."""
 
