@@ -47,13 +47,13 @@ def test_held_out_stages_as_recorded(recorded):
     cpu1 = [r for r in stages if r.backend == "cpu1"]
     assert len(cpu1) == 46
     median, within = figures(bench, predictor.models[("host", "cpu1")], cpu1)
-    assert median <= 0.05 and within >= 0.88  # 4.1 % / 93 % when recorded, 4.3 % / 93 % with copies
+    assert median <= 0.05 and within >= 0.88  # 4.1 % / 93 % when recorded, 4.3 % / 93 % now
     cnn = [r for r in cpu1 if r.model.startswith("sep-cnn")]
     median, within = figures(bench, predictor.models[("host", "cpu1")], cnn)
     assert median <= 0.04 and within >= 0.85  # 2.0 % / 100 %; 14.8 % / 21 % with epilogues priced by bytes
     cpu2 = [r for r in stages if r.backend == "cpu2"]
     median, _ = figures(bench, predictor.models[("host", "cpu2")], cpu2)
-    assert median <= 0.14  # 12.2 %, against a noise floor of 9.9 %
+    assert median <= 0.14  # 12.2 % when recorded, 13.8 % now, against a noise floor of 9.9 %
 
 
 def stage_figures(folder: Path) -> dict[str, tuple[float, float]]:
@@ -68,26 +68,30 @@ def test_held_out_stages_of_a_second_fresh_store():
     """Store Q, profiled in a fast phase in another session than N, by the same profiling
     code: its held-out stages meet the target on cpu1 too."""
     stages = stage_figures(DATA / "host-q")
-    assert stages["cpu1"][0] <= 0.05 and stages["cpu1"][1] >= 0.90  # 2.8 % / 93 % when recorded, 3.2 % / 93 % now
-    assert stages["cpu2"][0] <= 0.08  # 6.3 %, 6.2 % now
+    assert stages["cpu1"][0] <= 0.05 and stages["cpu1"][1] >= 0.90  # 2.8 % / 93 % when recorded, 3.0 % / 93 % now
+    # 6.3 % when recorded, 9.8 % with linear biases costed: its 2-thread pool slept (a backend
+    # the runtime never runs), and its cpu2 stages' own two timings differ by 13.8 %
+    assert stages["cpu2"][0] <= 0.10
 
 
 def test_held_out_stages_of_a_store_timed_as_the_runtime_runs_two_threads():
     """Store T, the first whose 2-thread sessions were timed spinning, as the runtime runs
     them (planner/profile.py): its cpu2 stages are within 0.1 points of their own noise
     floor's median (5.9 % / 65 %), and cpu1 meets the target. Transposes and splits
-    costed as the copies ONNX Runtime runs (annotate: kind "copy") took cpu2 from 7.4 % / 63 %
-    to 6.0 % / 72 % and cpu1 from 5.1 % / 93 % to 4.9 % / 91 %."""
+    costed as the copies ONNX Runtime runs (annotate: kind "copy") and linear layers' biases
+    as the Gemms it runs (units: kind "bias") took cpu2 from 7.4 % / 63 % to 6.0 % / 67 % and
+    cpu1 from 5.1 % / 93 % to 4.9 % / 91 %."""
     stages = stage_figures(DATA / "host-t")
     assert stages["cpu1"][0] <= 0.05 and stages["cpu1"][1] >= 0.90  # 4.9 % / 91 %
-    assert stages["cpu2"][0] <= 0.065 and stages["cpu2"][1] >= 0.68  # 6.0 % / 72 %
+    assert stages["cpu2"][0] <= 0.065 and stages["cpu2"][1] >= 0.65  # 6.0 % / 67 %
 
 
 @pytest.mark.parametrize("store, cpu1, cpu2", [
-    # 2.5 % / 100 % and 5.4 % / 63 % when recorded; 2.2 % / 100 % and 6.2 % / 72 % with copies
-    ("host-u", (0.030, 0.95), (0.065, 0.68)),
-    # 3.1 % / 98 % and 7.4 % / 63 %; 2.9 % / 98 % and 6.8 % / 76 % with copies
-    ("host-v", (0.035, 0.95), (0.075, 0.70)),
+    # 2.5 % / 100 % and 5.4 % / 63 % when recorded; 2.0 % / 100 % and 5.9 % / 76 % with
+    # copies and biases
+    ("host-u", (0.025, 0.95), (0.065, 0.70)),
+    # 3.1 % / 98 % and 7.4 % / 63 %; 2.4 % / 98 % and 5.1 % / 85 %
+    ("host-v", (0.030, 0.95), (0.060, 0.78)),
 ])
 def test_held_out_stages_of_quiet_stores_meet_the_target_on_one_thread(store, cpu1, cpu2):
     """Stores U and V, timed as the runtime runs two threads, in quiet phases (noise floor

@@ -51,9 +51,9 @@ class OpCost:
 
     kind: "matmul" | "conv" | "stem" | "depthwise" | "attention" | "norm" | "elementwise" |
     "reduce" | "embedding" | "copy" (a view op ONNX runs as a Transpose or Split) | "view" |
-    "fused" (folded into the convolution before it and
-    applied by its kernel: no FLOPs or bytes) | "epilogue" (folded into the convolution
-    before it, applied in a pass over its output) | "input" | "param" | "other".
+    "fused" (folded into the convolution before it and applied by its kernel: no FLOPs or
+    bytes) | "epilogue" (folded into the convolution before it, applied in a pass over its
+    output) | "input" | "param" | "other".
     `bytes_moved` counts inputs, outputs and weights read once (the memory-bound term of a
     roofline); `param_bytes` is set on weight nodes.
     """
@@ -68,7 +68,8 @@ class OpCost:
 @dataclass(frozen=True)
 class OpMix:
     """What one op kind contributes to a unit: node count, FLOPs and bytes moved (summed
-    OpCost of the unit's nodes of that kind). Latency predictors learn per kind from these."""
+    OpCost of the unit's nodes of that kind, or work ONNX Runtime adds that no node shows:
+    kinds "layout" and "bias", passes/units.py). Latency predictors learn per kind from these."""
 
     kind: str
     count: int

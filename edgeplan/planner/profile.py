@@ -114,7 +114,7 @@ DEVICE = "host"
 RUN_RUNTIME = "edgeplan run"
 # Records of the sampled layer space (planner/layer_space.py) are named "<prefix><family>".
 LAYER_SPACE_PREFIX = "layers-"
-OP_KINDS = ("matmul", "conv", "stem", "depthwise", "attention", "norm", "elementwise", "reduce",
+OP_KINDS = ("matmul", "bias", "conv", "stem", "depthwise", "attention", "norm", "elementwise", "reduce",
             "embedding", "layout", "epilogue", "copy", "view", "fused", "other")
 # A run is an outlier when it lies more than this many scaled MADs from the median.
 OUTLIER_MADS = 3.0

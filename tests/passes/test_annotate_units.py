@@ -302,6 +302,34 @@ def test_views_onnx_runs_as_copies_are_costed_as_copies():
     assert [ops["Transpose"] + ops["Split"] for ops in ort_ops] == per_unit
 
 
+class Projections(nn.Module):
+    """Linear layers with and without a bias, on 3-D and on 2-D inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.biased = nn.Linear(16, 24)
+        self.plain = nn.Linear(24, 24, bias=False)
+        self.flat = nn.Linear(24, 8)
+
+    def forward(self, x):
+        return self.flat(self.plain(self.biased(x)).flatten(0, 1))
+
+
+def test_linear_biases_are_the_gemms_onnx_runtime_runs():
+    inputs = (torch.randn(2, 5, 16),)
+    gm = annotate(capture(Projections().eval(), inputs))
+    units = group_units(gm)
+    biases = [next((m for m in u.op_mix if m.kind == "bias"), None) for u in units]
+    per_unit = [m.count if m else 0 for m in biases]
+    assert sum(per_unit) == 2  # the bias-free layer is a MatMul
+    # the output written by the bias fill and read back by the accumulation
+    assert sum(m.bytes_moved for m in biases if m) == 2 * 4 * (10 * 24 + 10 * 8)
+    assert all(m.flops == 0 for m in biases if m)
+    ort_ops = _onnx_runtime_ops(gm, units, inputs)
+    assert [ops["Gemm"] for ops in ort_ops] == per_unit
+    assert sum(ops["MatMul"] for ops in ort_ops) == 1
+
+
 class WrittenOutRMSNorm(nn.Module):
     """HF LLaMA's RMSNorm (casts to float32 around it), then one that squares by x ** 3."""
 
@@ -382,7 +410,7 @@ def test_ops_on_constants_alone_are_folded_in_their_unit_only():
     assert {m.kind: m.count for m in embed.op_mix} == {"embedding": 1}
     assert embed.op_count == 1 and embed.flops == 0
     # the doubling reads the mask from the unit before: an input of this unit, so it runs
-    assert {m.kind: m.count for m in proj.op_mix} == {"matmul": 1, "elementwise": 2}
+    assert {m.kind: m.count for m in proj.op_mix} == {"matmul": 1, "bias": 1, "elementwise": 2}
     assert any(t.shape == (4, 4) for t in embed.cut_tensors)
 
 
