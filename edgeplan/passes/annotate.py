@@ -70,10 +70,10 @@ VIEW_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
             aten.chunk.default, aten.unbind.int, aten.detach.default, aten.dropout.default,
             aten.clone.default, aten.to.dtype, aten.to.device,
             aten._assert_tensor_metadata.default, operator.getitem}
-# Ops that only create shapes/constants: free, like views.
 # View ops ONNX exports as kernels that copy (Transpose, Split): kind "copy" on activations.
 COPY_OPS = {aten.permute.default, aten.transpose.int, aten.split.Tensor, aten.chunk.default,
             aten.unbind.int}
+# Ops that only create shapes/constants: free, like views.
 SHAPE_OPS = {aten.arange.default, aten.arange.start, aten.arange.start_step, aten.zeros.default,
              aten.ones.default, aten.full.default, aten.scalar_tensor.default, aten.sym_size.int,
              aten.empty.memory_format}
