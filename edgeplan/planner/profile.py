@@ -156,6 +156,12 @@ def backend_name(threads: int) -> str:
     return f"cpu{threads}"
 
 
+def backend_threads_of(backend: str) -> int | None:
+    """The thread count of a backend named by `backend_name`; None for any other name."""
+    match = re.fullmatch(r"cpu(\d+)", backend)
+    return int(match[1]) if match else None
+
+
 @dataclass(frozen=True)
 class UnitProfile:
     """Measured latency of one unit on one backend, with the unit's static features."""
@@ -297,8 +303,7 @@ def sleeping_pool(record: UnitProfile) -> bool:
     """Whether a profiled record timed a multi-thread ONNX Runtime session with its pool
     sleeping between ops (backend cpu{t}, t > 1, unmarked): a backend the runtime never
     runs, as every edgeplan before the profiler kept pools spinning did."""
-    threads = re.fullmatch(r"cpu(\d+)", record.backend)
-    return unmarked_profile(record) and threads is not None and int(threads[1]) > 1
+    return unmarked_profile(record) and (backend_threads_of(record.backend) or 1) > 1
 
 
 def unit_features(unit) -> dict[str, float]:
@@ -404,9 +409,7 @@ def fastest_reference_of(records: Iterable[UnitProfile], host: str | None = None
     for r in records:
         if r.reference_s <= 0 or r.device != device or r.host != host:
             continue
-        threads = named.get(r.backend)
-        if threads is None and re.fullmatch(r"cpu\d+", r.backend):
-            threads = int(r.backend.removeprefix("cpu"))
+        threads = named.get(r.backend, backend_threads_of(r.backend))
         if threads is not None:
             fastest[threads] = min(fastest.get(threads, r.reference_s), r.reference_s)
     return fastest
