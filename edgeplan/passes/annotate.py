@@ -171,7 +171,7 @@ def _copies(node: torch.fx.Node) -> bool:
     base = node.args[0]
     while isinstance(base, torch.fx.Node):
         cost = base.meta.get(COST_KEY)
-        if base.op == "get_attr" or cost is None or cost.kind == "param":
+        if cost is None or cost.kind == "param":  # a weight (get_attr)
             return False
         if cost.kind != "view" or not base.all_input_nodes:
             break
