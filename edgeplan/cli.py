@@ -224,7 +224,7 @@ def cmd_profile(args) -> int:
         model, example_inputs = built
         records += profile_units(
             model, example_inputs, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
-            extra_rounds=args.retries, tvm=args.tvm, on_tvm_failure=tvm_failure,
+            rounds=args.rounds, extra_rounds=args.retries, tvm=args.tvm, on_tvm_failure=tvm_failure,
             name=args.model.rpartition(":")[0].rpartition("/")[2].removesuffix(".py") or None,
             progress=progress, device=args.device,
             fastest_reference=fastest_reference_of(measured, device=args.device, backend_threads=renamed))
@@ -233,7 +233,8 @@ def cmd_profile(args) -> int:
 
         for name, bank, inputs, _ in layer_space(samples=args.samples, seed=args.seed):
             records += profile_units(bank, inputs, threads=args.threads, warmup=args.warmup,
-                                     repeats=args.repeats, extra_rounds=args.retries, tvm=args.tvm,
+                                     repeats=args.repeats, rounds=args.rounds, extra_rounds=args.retries,
+                                     tvm=args.tvm,
                                      on_tvm_failure=tvm_failure, name=name, progress=progress, device=args.device,
                                      fastest_reference=fastest_reference_of(
                                          [*measured, *records], device=args.device, backend_threads=renamed))
@@ -381,6 +382,8 @@ def cmd_fleets(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from edgeplan.planner.profile import ROUNDS
+
     parser = argparse.ArgumentParser(prog="edgeplan", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -496,6 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "e.g. --device pi5 --backend cpu --threads 4 for a Raspberry Pi 5 "
                                      "preset's cpu backend")
     profile_parser.add_argument("--repeats", type=int, default=15, help="timed runs per unit (default 15)")
+    profile_parser.add_argument("--rounds", type=int, default=ROUNDS,
+                                help=f"interleaved timing rounds per unit, the quietest kept (default "
+                                     f"{ROUNDS}; more rounds steady a noisy machine's times)")
     profile_parser.add_argument("--retries", type=int, default=None,
                                 help="timing rounds repeated at most while the machine runs slow, each "
                                      "after a longer pause (default: as many as there are rounds; 0 "

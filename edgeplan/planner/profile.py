@@ -134,8 +134,10 @@ MAX_RETRY_WAIT_S = 8.0
 # Rounds per call, and at most as many again timed while the machine ran slow: more, shorter
 # rounds give the quietest round more chances (the same stages profiled five times each,
 # interleaved, spread 2.5-3.3 % (cpu1) and 7.8-8.0 % (cpu2) with 6 rounds, 4.4-5.9 % and
-# 11.8-47.7 % with 3).
-ROUNDS = 6
+# 11.8-47.7 % with 3; HF GPT-2's and a separable CNN's 14 units profiled four times each
+# in a noisy phase, 6- and 12-round profiles interleaved: quiet_s's log-sd 9.0 % (cpu1)
+# and 12.6 % (cpu2) with 6 rounds, 3.0 % and 7.5 % with 12, at twice the timing time).
+ROUNDS = 12
 # Untimed runs of a multi-thread session in each round before it is timed, so its pool's
 # workers are awake; and the pause after it, so that its pool has stopped spinning before
 # the next session is timed (a spinning pool went on slowing a pinned 1-thread reference

@@ -319,7 +319,7 @@ def test_cli_profile_writes_store(tmp_path, capsys):
     factory = tiny_gpt_factory(tmp_path)
     store = tmp_path / "out" / "profiles.jsonl"
     code = main(["profile", f"{factory}:build", "--store", str(store), "--threads", "1", "2",
-                 "--repeats", "3", "--retries", "1"])
+                 "--repeats", "3", "--rounds", "2", "--retries", "1"])
     assert code == 0
     records = ProfileStore(store).load()
     assert {r.backend for r in records} == {"cpu1", "cpu2"}
@@ -328,13 +328,15 @@ def test_cli_profile_writes_store(tmp_path, capsys):
     assert "host/cpu1" in captured.out and "host/cpu2" in captured.out
     assert "total" in captured.out and str(store) in captured.out
     assert "\r" in captured.err
+    units = len({r.unit for r in records})
+    assert f"] {units + 2}/{units + 2} " in captured.err  # one export per unit, then --rounds 2
     assert "older record" not in captured.err
     # the store as an edgeplan that timed pools sleeping left it, profiled again: the
     # profile says which of its records the predictor now leaves out
     store.write_text("")
     ProfileStore(store).append([dataclasses.replace(r, spinning=False) for r in records])
     assert main(["profile", f"{factory}:build", "--store", str(store), "--threads", "2",
-                 "--repeats", "2", "--retries", "0"]) == 0
+                 "--repeats", "2", "--rounds", "3", "--retries", "0"]) == 0
     older = sum(r.backend == "cpu2" for r in records)
     assert (f"{store} holds {older} older record(s) of host/cpu2 that timed its thread pool sleeping"
             in capsys.readouterr().err)
@@ -348,7 +350,7 @@ def test_cli_profile_records_the_fleet_device_it_is_told(tmp_path, capsys):
     store = tmp_path / "profiles.jsonl"
     for device in ("host", "box"):
         assert main(["profile", f"{factory}:build", "--store", str(store), "--threads", "1",
-                     "--repeats", "2", "--retries", "0", "--device", device]) == 0
+                     "--repeats", "2", "--rounds", "3", "--retries", "0", "--device", device]) == 0
     records = ProfileStore(store).load()
     units = len(records) // 2
     assert [r.device for r in records] == ["host"] * units + ["box"] * units
@@ -357,7 +359,7 @@ def test_cli_profile_records_the_fleet_device_it_is_told(tmp_path, capsys):
     assert set(fastest_reference_of(records, device="box")) == {1}
     # --backend: under the fleet backend's own name (a preset's "cpu"), for one thread count
     assert main(["profile", f"{factory}:build", "--store", str(store), "--threads", "1",
-                 "--repeats", "2", "--retries", "0", "--device", "pi5", "--backend", "cpu"]) == 0
+                 "--repeats", "2", "--rounds", "3", "--retries", "0", "--device", "pi5", "--backend", "cpu"]) == 0
     assert [r.backend for r in ProfileStore(store).load() if r.device == "pi5"] == ["cpu"] * units
     assert "pi5/cpu " in capsys.readouterr().out
     assert main(["profile", f"{factory}:build", "--store", str(store), "--threads", "1", "2",
@@ -399,7 +401,7 @@ def test_a_unit_tvm_cannot_build_is_timed_on_onnx_runtime_only(tmp_path, capsys,
     factory = tiny_gpt_factory(tmp_path)
     store = tmp_path / "profiles.jsonl"
     assert main(["profile", f"{factory}:build", "--store", str(store), "--threads", "1",
-                 "--repeats", "2", "--retries", "0", "--tvm"]) == 0
+                 "--repeats", "2", "--rounds", "3", "--retries", "0", "--tvm"]) == 0
     records = ProfileStore(store).load()
     units = list(dict.fromkeys(r.unit for r in records))
     failed = units[2]
