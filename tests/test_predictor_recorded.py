@@ -102,6 +102,17 @@ def test_held_out_stages_of_quiet_stores_meet_the_target_on_one_thread(store, cp
     assert stages["cpu2"][0] <= cpu2[0] and stages["cpu2"][1] >= cpu2[1]
 
 
+def test_held_out_stages_of_a_store_timed_in_twelve_rounds():
+    """Store W, each unit timed in 12 rounds instead of 6 (planner/profile.py ROUNDS): its
+    held-out cpu2 stages' own two timings agree to 1.8 % / 96 % within 10 % (T, U, V: 3.0-5.9 %
+    / 65-87 %), so a cpu2 target is measurable here. cpu1 meets the target; cpu2 does not:
+    the training store's cpu2 ran in a slower phase than its held-out models (2-thread
+    reference 132 against 106 us), and the CNN's stages stay 14 % off."""
+    stages = stage_figures(DATA / "host-w")
+    assert stages["cpu1"][0] <= 0.03 and stages["cpu1"][1] >= 0.95  # 2.1 % / 96 %
+    assert stages["cpu2"][0] <= 0.08 and stages["cpu2"][1] >= 0.75  # 7.2 % / 77 %
+
+
 def test_learned_beats_the_roofline_on_every_backend(recorded):
     bench, predictor, _, _, stages = recorded
     for backend in bench.BACKENDS:
