@@ -207,7 +207,6 @@ def cmd_profile(args) -> int:
                             f"measures {len(args.threads) + bool(args.tvm)}; give one thread count "
                             f"(the threads that fleet backend runs with) and no --tvm")
     store = ProfileStore(args.store)
-    progress = progress_bar
     # Slow spells of the machine are judged against the fastest this host's records saw.
     measured = store.load() if store.path.is_file() and (args.model or args.layer_space) else []
     renamed = {} if args.backend is None else {args.backend: args.threads[0]}
@@ -215,6 +214,10 @@ def cmd_profile(args) -> int:
     def tvm_failure(unit: str, reason: str) -> None:
         print(f"\nprofile: TVM cannot build {unit}, timed on ONNX Runtime only: {reason}", file=sys.stderr)
 
+    # How every model and layer bank is timed; the store's fastest reference so far comes with each call.
+    timing = dict(threads=args.threads, warmup=args.warmup, repeats=args.repeats, rounds=args.rounds,
+                  extra_rounds=args.retries, tvm=args.tvm, on_tvm_failure=tvm_failure, progress=progress_bar,
+                  device=args.device)
     records = []
     if args.model:
         factory = load_factory(args.model)
@@ -223,19 +226,14 @@ def cmd_profile(args) -> int:
             raise EdgeplanError(f"model {args.model!r}: the factory must return (model, example_inputs)")
         model, example_inputs = built
         records += profile_units(
-            model, example_inputs, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
-            rounds=args.rounds, extra_rounds=args.retries, tvm=args.tvm, on_tvm_failure=tvm_failure,
+            model, example_inputs, **timing,
             name=args.model.rpartition(":")[0].rpartition("/")[2].removesuffix(".py") or None,
-            progress=progress, device=args.device,
             fastest_reference=fastest_reference_of(measured, device=args.device, backend_threads=renamed))
     if args.layer_space:
         from edgeplan.planner.layer_space import layer_space
 
         for name, bank, inputs, _ in layer_space(samples=args.samples, seed=args.seed):
-            records += profile_units(bank, inputs, threads=args.threads, warmup=args.warmup,
-                                     repeats=args.repeats, rounds=args.rounds, extra_rounds=args.retries,
-                                     tvm=args.tvm,
-                                     on_tvm_failure=tvm_failure, name=name, progress=progress, device=args.device,
+            records += profile_units(bank, inputs, **timing, name=name,
                                      fastest_reference=fastest_reference_of(
                                          [*measured, *records], device=args.device, backend_threads=renamed))
     if records:
