@@ -16,12 +16,14 @@ returns the Unit records. Each unit knows the tensors that cross the cut after i
 tensor defined at or before its last node and used after it, so a cut inside a residual
 region passes (and pays for) the skip tensor too. A unit's op mix also holds the work
 ONNX Runtime adds that the graph does not show: the reorders into and out of its blocked
-convolution layout when the unit runs alone (kind "layout", `_layout_reorders`), and the
-bias of each linear layer (kind "bias", `_gemm_biases`).
+convolution layout when the unit runs alone (kind "layout", `_layout_reorders`), the
+bias of each linear layer (kind "bias", `_gemm_biases`), and the kernels a boolean
+attention mask adds (kind "elementwise", `_attention_masks`).
 """
 
 from __future__ import annotations
 
+import math
 import operator
 import re
 from dataclasses import dataclass
@@ -207,7 +209,7 @@ def group_units(gm: torch.fx.GraphModule, granularity: str = "block") -> tuple[U
             peak_activation_bytes=int(max(live_bytes[first_position:last_position + 1])),
             cut_tensors=crossing,
             cut_bytes=sum(t.nbytes for t in crossing),
-            op_mix=_op_mix(costs) + _layout_reorders(run) + _gemm_biases(run),
+            op_mix=_op_mix(costs) + _layout_reorders(run) + _gemm_biases(run) + _attention_masks(run),
         ))
     return tuple(units)
 
@@ -275,6 +277,34 @@ def _gemm_biases(run: list[torch.fx.Node]) -> tuple[OpMix, ...]:
     if not biased:
         return ()
     return (OpMix("bias", len(biased), 0, 2 * sum(n.meta[COST_KEY].output_bytes for n in biased)),)
+
+
+def _attention_masks(run: list[torch.fx.Node]) -> tuple[OpMix, ...]:
+    """The kernels a boolean attention mask adds, as kind "elementwise": ONNX exports
+    scaled_dot_product_attention with a boolean mask as a Where that turns the mask into
+    0 / -inf, the Add into the scores (which a causal or float mask has too), and after
+    the softmax an IsNaN and a Where that zero fully masked rows. HF GPT-2's and LLaMA's
+    small blocks ran up to 10 % slower on two threads than the zoo's blocks of the same
+    shapes under is_causal (within 1 % on one), and had the same features without these
+    kernels. Bytes: the mask
+    read and its float written, the scores read twice, a boolean written and read, and
+    the probabilities written. (The Where over the mask is counted even in a stage that
+    also computes the mask from shapes, where ONNX Runtime folds it: one small kernel.)"""
+    mask_bytes, score_bytes, count = 0, 0, 0
+    for node in run:
+        if node.target is not aten.scaled_dot_product_attention.default:
+            continue
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        spec = mask.meta.get(TENSOR_KEY) if isinstance(mask, torch.fx.Node) else None
+        query, key = (a.meta.get(TENSOR_KEY) for a in node.args[:2])
+        if spec is None or spec.dtype != "bool" or query is None or key is None:
+            continue
+        count += 1
+        mask_bytes += 5 * math.prod(spec.shape)
+        score_bytes += 14 * math.prod(query.shape[:-1]) * key.shape[-2]
+    if not count:
+        return ()
+    return (OpMix("elementwise", 3 * count, 0, mask_bytes + score_bytes),)
 
 
 def _read_outside(node: torch.fx.Node, region: set[torch.fx.Node], inside: set[torch.fx.Node]) -> bool:

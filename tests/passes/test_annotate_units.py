@@ -428,6 +428,44 @@ def test_attention_flops():
     assert attention.flops == 4 * scores * 4 + 5 * scores
 
 
+class MaskedAttention(nn.Module):
+    """A projection, then attention under a boolean mask (HF's) or a causal one (is_causal)."""
+
+    def __init__(self, width: int, masked: bool):
+        super().__init__()
+        self.proj = nn.Linear(width, width)
+        self.masked = masked
+
+    def forward(self, x, mask):
+        q = self.proj(x)
+        if self.masked:
+            return F.scaled_dot_product_attention(q, x, x, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, x, x, is_causal=True)
+
+
+class TwoAttentions(nn.Module):
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.blocks = nn.ModuleList([MaskedAttention(width, True), MaskedAttention(width, False)])
+
+    def forward(self, x, mask):
+        return self.blocks[1](self.blocks[0](x, mask), mask)
+
+
+def test_boolean_attention_masks_add_the_kernels_onnx_runtime_runs():
+    x = torch.randn(2, 3, 6, 8)  # batch, heads, length, head dim
+    mask = torch.ones(2, 1, 6, 6, dtype=torch.bool).tril()
+    gm = annotate(capture(TwoAttentions().eval(), (x, mask)))
+    units = group_units(gm)
+    added = [sum(m.count for m in u.op_mix if m.kind == "elementwise") for u in units]
+    assert added == [3, 0]  # a Where over the mask, IsNaN and Where over the scores
+    scores, mask_elements = 2 * 3 * 6 * 6, 2 * 1 * 6 * 6
+    (mask_ops,) = [m for m in units[0].op_mix if m.kind == "elementwise"]
+    assert mask_ops.bytes_moved == 5 * mask_elements + 14 * scores and mask_ops.flops == 0
+    ort_ops = _onnx_runtime_ops(gm, units, (x, mask))
+    assert [ops["Where"] + ops["IsNaN"] for ops in ort_ops] == added
+
+
 class Block(nn.Module):
     def __init__(self, d):
         super().__init__()
