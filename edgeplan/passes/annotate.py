@@ -14,8 +14,9 @@ softmax; norms and softmax 5 per output element; other elementwise ops and reduc
 per element; views, embedding gathers and shape ops none. Views alias their input, so
 they carry no bytes of their own, except those ONNX runs as copies (kind "copy": a
 transpose or permute of an activation is a Transpose, a split, chunk or unbind a Split,
-each reading and writing the tensor; the 4-5 of a GPT-2 block's attention were 7 % of its
-time on two threads here). A transpose of the last two dims that only matmuls read stays
+an expand an Expand that writes every repeat (HF LLaMA's repeat_kv for grouped-query
+attention), each reading its input and writing its output; the 4-5 of a GPT-2 block's
+attention were 7 % of its time on two threads here). A transpose of the last two dims that only matmuls read stays
 a view (ONNX Runtime folds it into the matmul: FusedMatMul), as does one of a weight
 (constant-folded). An inference batch norm that reads a convolution's
 only output, and a ReLU/clamp/sigmoid/tanh/leaky ReLU that reads such a convolution (or
@@ -70,9 +71,9 @@ VIEW_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
             aten.chunk.default, aten.unbind.int, aten.detach.default, aten.dropout.default,
             aten.clone.default, aten.to.dtype, aten.to.device,
             aten._assert_tensor_metadata.default, operator.getitem}
-# View ops ONNX exports as kernels that copy (Transpose, Split): kind "copy" on activations.
+# View ops ONNX exports as kernels that copy (Transpose, Split, Expand): kind "copy" on activations.
 COPY_OPS = {aten.permute.default, aten.transpose.int, aten.split.Tensor, aten.chunk.default,
-            aten.unbind.int}
+            aten.unbind.int, aten.expand.default}
 # Ops that only create shapes/constants: free, like views.
 SHAPE_OPS = {aten.arange.default, aten.arange.start, aten.arange.start_step, aten.zeros.default,
              aten.ones.default, aten.full.default, aten.scalar_tensor.default, aten.sym_size.int,

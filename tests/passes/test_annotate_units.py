@@ -302,6 +302,42 @@ def test_views_onnx_runs_as_copies_are_costed_as_copies():
     assert [ops["Transpose"] + ops["Split"] for ops in ort_ops] == per_unit
 
 
+class RepeatedKeys(nn.Module):
+    """HF LLaMA's repeat_kv for grouped-query attention: keys and values expanded over the
+    query heads of their group, then attention."""
+
+    def __init__(self, width: int = 16, heads: int = 4, kv_heads: int = 2):
+        super().__init__()
+        self.heads, self.kv_heads = heads, kv_heads
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width * kv_heads // heads)
+
+    def repeat(self, x):
+        batch, kv_heads, length, dim = x.shape
+        expanded = x[:, :, None].expand(batch, kv_heads, self.heads // kv_heads, length, dim)
+        return expanded.reshape(batch, self.heads, length, dim)
+
+    def forward(self, x):
+        batch, length, width = x.shape
+        q = self.q(x).view(batch, length, self.heads, -1).transpose(1, 2)
+        k, v = (t.view(batch, length, self.kv_heads, -1).transpose(1, 2) for t in self.kv(x).chunk(2, dim=-1))
+        return F.scaled_dot_product_attention(q, self.repeat(k), self.repeat(v), is_causal=True)
+
+
+def test_expands_of_activations_are_the_copies_onnx_runtime_runs():
+    inputs = (torch.randn(2, 6, 16),)
+    gm = annotate(capture(RepeatedKeys().eval(), inputs))
+    expands = [node.meta[COST_KEY] for node in gm.graph.nodes if node.target is torch.ops.aten.expand.default]
+    assert [c.kind for c in expands] == ["copy", "copy"]
+    # each reads its (2, 2, 6, 4) keys or values and writes them for all four heads
+    assert [c.bytes_moved for c in expands] == [4 * (2 * 2 * 6 * 4 + 2 * 2 * 2 * 6 * 4)] * 2
+    units = group_units(gm)
+    per_unit = [sum(m.count for m in u.op_mix if m.kind == "copy") for u in units]
+    ort_ops = _onnx_runtime_ops(gm, units, inputs)
+    assert sum(ops["Expand"] for ops in ort_ops) == 2
+    assert [ops["Transpose"] + ops["Split"] + ops["Expand"] for ops in ort_ops] == per_unit
+
+
 class Projections(nn.Module):
     """Linear layers with and without a bias, on 3-D and on 2-D inputs."""
 
