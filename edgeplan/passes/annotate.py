@@ -16,8 +16,8 @@ they carry no bytes of their own, except those ONNX runs as copies (kind "copy":
 transpose or permute of an activation is a Transpose, a split, chunk or unbind a Split,
 an expand an Expand that writes every repeat (HF LLaMA's repeat_kv for grouped-query
 attention), each reading its input and writing its output; the 4-5 of a GPT-2 block's
-attention were 7 % of its time on two threads here). A transpose of the last two dims that only matmuls read stays
-a view (ONNX Runtime folds it into the matmul: FusedMatMul), as does one of a weight
+attention were 7 % of its time on two threads here). A transpose of the last two dims
+that only matmuls read stays a view (ONNX Runtime folds it into the matmul: FusedMatMul), as does one of a weight
 (constant-folded). An inference batch norm that reads a convolution's
 only output, and a ReLU/clamp/sigmoid/tanh/leaky ReLU that reads such a convolution (or
 its folded batch norm), are folded into the convolution by inference runtimes (ONNX

@@ -283,13 +283,13 @@ def _attention_masks(run: list[torch.fx.Node]) -> tuple[OpMix, ...]:
     """The kernels a boolean attention mask adds, as kind "elementwise": ONNX exports
     scaled_dot_product_attention with a boolean mask as a Where that turns the mask into
     0 / -inf, the Add into the scores (which a causal or float mask has too), and after
-    the softmax an IsNaN and a Where that zero fully masked rows. HF GPT-2's and LLaMA's
-    small blocks ran up to 10 % slower on two threads than the zoo's blocks of the same
-    shapes under is_causal (within 1 % on one), and had the same features without these
-    kernels. Bytes: the mask
-    read and its float written, the scores read twice, a boolean written and read, and
-    the probabilities written. (The Where over the mask is counted even in a stage that
-    also computes the mask from shapes, where ONNX Runtime folds it: one small kernel.)"""
+    the softmax an IsNaN and a Where that zero fully masked rows. HF GPT-2-small's blocks
+    ran up to 10 % slower on two threads than the zoo's GPT-2 blocks of their shapes under
+    is_causal (within 1 % on one), and had the same features without these kernels.
+    Bytes: the mask read and its float written, the scores read twice, a boolean written
+    and read, and the probabilities written. (The Where over the mask is counted even in a
+    stage that also computes the mask from shapes, where ONNX Runtime folds it: one small
+    kernel.)"""
     mask_bytes, score_bytes, count = 0, 0, 0
     for node in run:
         if node.target is not aten.scaled_dot_product_attention.default:
