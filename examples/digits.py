@@ -9,8 +9,9 @@ Tasks (models), all `DigitsCNN` with a different head size:
 
 So `digit`, `parity` and `high` hold bitwise-equal convolutions (exact, lossless merges)
 and take the same input, while `rotated` takes another input and holds weights of its
-own, as do the fine-tuned classifiers (merges that need retraining). Training is deterministic (fixed seeds, fixed split) and
-takes a few seconds on a CPU; nothing is cached on disk.
+own, as do the fine-tuned classifiers (merges that need retraining). Training is
+deterministic (fixed seeds, fixed split) and takes a few seconds on a CPU; nothing is
+cached on disk.
 
     edgeplan compile examples/digits.py:build_workload -o out/digits          # lossless merges
     edgeplan compile examples/digits.py:build_merged_workload -o out/digits-m  # + retrained merges

@@ -126,10 +126,11 @@ def validate_assignment(tables: CostTables, stages: Sequence[StageAssignment]) -
                 f"{tables.device_names[device]!r}: at most one stage per device (constraint d)")
         used_devices[device] = i
         if i + 1 < len(stages) and not tables.codec_allowed[stage.end - 1, stage.codec]:
+            allowed = [n for n, ok in zip(tables.codec_names, tables.codec_allowed[stage.end - 1]) if ok]
             raise PlanError(
                 f"partition: stage {i} sends its boundary with codec "
                 f"{tables.codec_names[stage.codec]!r}, which is not allowed at that cut (over the "
-                f"error budget); allowed: {', '.join(n for n, ok in zip(tables.codec_names, tables.codec_allowed[stage.end - 1]) if ok)}")
+                f"error budget); allowed: {', '.join(allowed)}")
         need = tables.stage_memory(stage.start, stage.end)
         budget = int(tables.device_memory_bytes[device])
         if need > budget:
@@ -511,7 +512,8 @@ def solve_cpsat(tables: CostTables, objective: str = "bottleneck", *, time_limit
         slot = next(k for k in range(slot_count) if solver.Value(runs_on[s][k]))
         members = [u for u in range(unit_count) if solver.Value(in_stage[u][s])]
         last = members[-1]
-        codec = next((c for c, var in sent[s][last].items() if solver.Value(var)), 0) if s < len(sent) and last < unit_count - 1 else 0
+        sends = s < len(sent) and last < unit_count - 1
+        codec = next((c for c, var in sent[s][last].items() if solver.Value(var)), 0) if sends else 0
         stages.append(StageAssignment(slot, members[0], last + 1, int(codec)))
     value = evaluate(tables, stages).value(objective)
     return _result(stages, objective, value, bound, solver.StatusName(status), "cp-sat",

@@ -1104,7 +1104,8 @@ def fleet_from_dict(d: dict, source: str = "<dict>") -> Fleet:
         links = []
         for index, table in enumerate(_table_array(d, "link", "[[link]]"), 1):
             ends = [table.get(key) for key in ("a", "b")] if isinstance(table, Mapping) else []
-            label = f"link {ends[0]!r} <-> {ends[1]!r}" if all(isinstance(end, str) for end in ends) else f"link #{index}"
+            named = all(isinstance(end, str) for end in ends)
+            label = f"link {ends[0]!r} <-> {ends[1]!r}" if named else f"link #{index}"
             link = _parse_link(table, label, with_ends=True)
             with _within(label):
                 for end in (link.a, link.b):

@@ -304,7 +304,8 @@ class RemotePipeline(ModelIO):
                     message, transient = rpc_failure(error, first.device, first.address)
                     since = failing_since.setdefault(seq, now)
                     if not transient or now - since >= self.retry_for_s:
-                        tried = f" (tried {attempts.get(seq, 0) + 1} times over {now - since:.1f} s)" if transient else ""
+                        tried = (f" (tried {attempts.get(seq, 0) + 1} times over {now - since:.1f} s)"
+                                 if transient else "")
                         raise RemoteError(f"remote run failed at microbatch {seq} of {count}: {message}{tried}")
                     attempts[seq] = attempts.get(seq, 0) + 1
                     self.retried += 1

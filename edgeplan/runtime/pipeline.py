@@ -150,7 +150,8 @@ def split_batch(manifest: Manifest, inputs: dict) -> list[dict[str, np.ndarray]]
                 f"{entry.dtype}; convert it with .astype(np.{entry.dtype})")
         batched = _is_batched(entry, batch)
         tail_ok = array.shape[1:] == tuple(entry.shape[1:]) if batched else array.shape == tuple(entry.shape)
-        if array.ndim != len(entry.shape) or not tail_ok or (batched and (array.shape[0] == 0 or array.shape[0] % batch)):
+        bad_batch = batched and (array.shape[0] == 0 or array.shape[0] % batch)
+        if array.ndim != len(entry.shape) or not tail_ok or bad_batch:
             rule = (f"[k*{batch}, {', '.join(map(str, entry.shape[1:]))}] for k >= 1 microbatches"
                     if batched else str(list(entry.shape)))
             raise InputError(

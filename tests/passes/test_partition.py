@@ -52,7 +52,8 @@ def random_tables(seed: int, max_units: int = 8, max_devices: int = 4, tight: bo
         # Codec 0 is raw; the others shrink the cut and cost encode/decode time; some are
         # over the error budget at some cuts.
         ratio = np.hstack([np.ones((len(cut_bytes), 1)), rng.uniform(0.1, 0.7, size=(len(cut_bytes), codecs - 1))])
-        codec_time = np.hstack([np.zeros((len(cut_bytes), 1)), rng.uniform(1e-4, 4e-3, size=(len(cut_bytes), codecs - 1))])
+        codec_time = np.hstack([np.zeros((len(cut_bytes), 1)),
+                                rng.uniform(1e-4, 4e-3, size=(len(cut_bytes), codecs - 1))])
         allowed = np.hstack([np.ones((len(cut_bytes), 1), dtype=bool), rng.random((len(cut_bytes), codecs - 1)) < 0.7])
         codec_arrays = dict(
             codec_names=("raw", *(f"c{i}" for i in range(1, codecs))),

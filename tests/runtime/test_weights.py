@@ -156,7 +156,8 @@ def test_manifest_without_weights_records_still_loads(small, tmp_path):
     pipe = edgeplan.runtime.load(out)
     assert pipe.manifest.stages[0].artifact.weights is None and pipe.sessions[0].prepacked
     x = feeds(pipe)
-    assert np.array_equal(pipe.run(x)["output"], edgeplan.runtime.load(small, weights=WeightStore("on")).run(x)["output"])
+    reloaded = edgeplan.runtime.load(small, weights=WeightStore("on"))
+    assert np.array_equal(pipe.run(x)["output"], reloaded.run(x)["output"])
 
 
 RESIDENT = r"""
