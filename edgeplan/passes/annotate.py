@@ -17,10 +17,10 @@ transpose or permute of an activation is a Transpose, a split, chunk or unbind a
 an expand an Expand that writes every repeat (HF LLaMA's repeat_kv for grouped-query
 attention), each reading its input and writing its output; the 4-5 of a GPT-2 block's
 attention were 7 % of its time on two threads here). A transpose of the last two dims
-that only matmuls read stays a view (ONNX Runtime folds it into the matmul: FusedMatMul), as does one of a weight
-(constant-folded). An inference batch norm that reads a convolution's
-only output, and a ReLU/clamp/sigmoid/tanh/leaky ReLU that reads such a convolution (or
-its folded batch norm), are folded into the convolution by inference runtimes (ONNX
+that only matmuls read stays a view (ONNX Runtime folds it into the matmul:
+FusedMatMul), as does one of a weight (constant-folded). An inference batch norm that
+reads a convolution's only output, and a ReLU/clamp/sigmoid/tanh/leaky ReLU that reads
+such a convolution (or its folded batch norm), are folded into the convolution by inference runtimes (ONNX
 Runtime's Conv+BatchNormalization and Conv+activation fusions): the batch norm and a ReLU
 are kind "fused", with no FLOPs or bytes of their own, since the conv kernel applies them
 as it computes; the other activations are kind "epilogue", one FLOP per output element
