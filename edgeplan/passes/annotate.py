@@ -20,10 +20,10 @@ attention were 7 % of its time on two threads here). A transpose of the last two
 that only matmuls read stays a view (ONNX Runtime folds it into the matmul:
 FusedMatMul), as does one of a weight (constant-folded). An inference batch norm that
 reads a convolution's only output, and a ReLU/clamp/sigmoid/tanh/leaky ReLU that reads
-such a convolution (or its folded batch norm), are folded into the convolution by inference runtimes (ONNX
-Runtime's Conv+BatchNormalization and Conv+activation fusions): the batch norm and a ReLU
-are kind "fused", with no FLOPs or bytes of their own, since the conv kernel applies them
-as it computes; the other activations are kind "epilogue", one FLOP per output element
+such a convolution (or its folded batch norm), are folded into the convolution by
+inference runtimes (ONNX Runtime's Conv+BatchNormalization and Conv+activation fusions):
+the batch norm and a ReLU are kind "fused", with no FLOPs or bytes of their own, since
+the conv kernel applies them as it computes; the other activations are kind "epilogue", one FLOP per output element
 (three for a sigmoid or tanh) and no bytes, since ONNX Runtime applies them in a pass over
 each output block the kernel just wrote, still in cache (a ReLU6 costs a 32 -> 64
 pointwise conv at 32 px 10 %, a ReLU nothing). Likewise an RMSNorm written out
