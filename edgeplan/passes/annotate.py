@@ -23,10 +23,10 @@ reads a convolution's only output, and a ReLU/clamp/sigmoid/tanh/leaky ReLU that
 such a convolution (or its folded batch norm), are folded into the convolution by
 inference runtimes (ONNX Runtime's Conv+BatchNormalization and Conv+activation fusions):
 the batch norm and a ReLU are kind "fused", with no FLOPs or bytes of their own, since
-the conv kernel applies them as it computes; the other activations are kind "epilogue", one FLOP per output element
-(three for a sigmoid or tanh) and no bytes, since ONNX Runtime applies them in a pass over
-each output block the kernel just wrote, still in cache (a ReLU6 costs a 32 -> 64
-pointwise conv at 32 px 10 %, a ReLU nothing). Likewise an RMSNorm written out
+the conv kernel applies them as it computes; the other activations are kind "epilogue",
+one FLOP per output element (three for a sigmoid or tanh) and no bytes, since ONNX
+Runtime applies them in a pass over each output block the kernel just wrote, still in
+cache (a ReLU6 costs a 32 -> 64 pointwise conv at 32 px 10 %, a ReLU nothing). Likewise an RMSNorm written out
 (x * rsqrt(mean(x^2, -1) + eps), times a weight: HF LLaMA, Mistral, Qwen) is one kernel
 in ONNX Runtime (SimplifiedLayerNormalization): its last multiply is kind "norm", costed
 like a LayerNorm of its output, and the pow, mean, add, rsqrt and multiply before it are
