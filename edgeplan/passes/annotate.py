@@ -26,16 +26,15 @@ the batch norm and a ReLU are kind "fused", with no FLOPs or bytes of their own,
 the conv kernel applies them as it computes; the other activations are kind "epilogue",
 one FLOP per output element (three for a sigmoid or tanh) and no bytes, since ONNX
 Runtime applies them in a pass over each output block the kernel just wrote, still in
-cache (a ReLU6 costs a 32 -> 64 pointwise conv at 32 px 10 %, a ReLU nothing). Likewise an RMSNorm written out
-(x * rsqrt(mean(x^2, -1) + eps), times a weight: HF LLaMA, Mistral, Qwen) is one kernel
-in ONNX Runtime (SimplifiedLayerNormalization): its last multiply is kind "norm", costed
-like a LayerNorm of its output, and the pow, mean, add, rsqrt and multiply before it are
-"fused". And a GELU written out, x times a
-pointwise function of x through tanh or erf (HF GPT-2's 0.5 * x * (1 + tanh(sqrt(2/pi) *
-(x + 0.044715 * x^3))), 8 ops; the erf form, 5), is one kernel in ONNX Runtime (its
-FastGelu and Gelu fusions): its last op is one elementwise op reading x, costed like
-`aten.gelu`, and the ops before it are "fused" (HF GPT-2's blocks were predicted 11 % high
-with the 8 ops costed apart).
+cache (a ReLU6 costs a 32 -> 64 pointwise conv at 32 px 10 %, a ReLU nothing). Likewise an
+RMSNorm written out (x * rsqrt(mean(x^2, -1) + eps), times a weight: HF LLaMA, Mistral,
+Qwen) is one kernel in ONNX Runtime (SimplifiedLayerNormalization): its last multiply is
+kind "norm", costed like a LayerNorm of its output, and the pow, mean, add, rsqrt and
+multiply before it are "fused". And a GELU written out, x times a pointwise function of x
+through tanh or erf (HF GPT-2's 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3))), 8
+ops; the erf form, 5), is one kernel in ONNX Runtime (its FastGelu and Gelu fusions): its
+last op is one elementwise op reading x, costed like `aten.gelu`, and the ops before it
+are "fused" (HF GPT-2's blocks were predicted 11 % high with the 8 ops costed apart).
 """
 
 from __future__ import annotations
