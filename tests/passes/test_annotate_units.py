@@ -23,6 +23,11 @@ def costs_by_kind(gm):
     return table
 
 
+def kernels_of(units, kind: str) -> list[int]:
+    """How many kernels of `kind` each unit's op mix counts."""
+    return [sum(m.count for m in unit.op_mix if m.kind == kind) for unit in units]
+
+
 class LinearOnly(nn.Module):
     def __init__(self):
         super().__init__()
@@ -296,7 +301,7 @@ def test_views_onnx_runs_as_copies_are_costed_as_copies():
     assert sorted(c.bytes_moved for c in copies) == [2 * activation] * 4 + [6 * activation]
     assert all(c.flops == 0 for c in copies)
     units = group_units(gm)
-    per_unit = [sum(m.count for m in u.op_mix if m.kind == "copy") for u in units]
+    per_unit = kernels_of(units, "copy")
     assert sum(per_unit) == 5
     ort_ops = _onnx_runtime_ops(gm, units, inputs)
     assert [ops["Transpose"] + ops["Split"] for ops in ort_ops] == per_unit
@@ -332,7 +337,7 @@ def test_expands_of_activations_are_the_copies_onnx_runtime_runs():
     # each reads its (2, 2, 6, 4) keys or values and writes them for all four heads
     assert [c.bytes_moved for c in expands] == [4 * (2 * 2 * 6 * 4 + 2 * 2 * 2 * 6 * 4)] * 2
     units = group_units(gm)
-    per_unit = [sum(m.count for m in u.op_mix if m.kind == "copy") for u in units]
+    per_unit = kernels_of(units, "copy")
     ort_ops = _onnx_runtime_ops(gm, units, inputs)
     assert sum(ops["Expand"] for ops in ort_ops) == 2
     assert [ops["Transpose"] + ops["Split"] + ops["Expand"] for ops in ort_ops] == per_unit
@@ -493,7 +498,7 @@ def test_boolean_attention_masks_add_the_kernels_onnx_runtime_runs():
     mask = torch.ones(2, 1, 6, 6, dtype=torch.bool).tril()
     gm = annotate(capture(TwoAttentions().eval(), (x, mask)))
     units = group_units(gm)
-    added = [sum(m.count for m in u.op_mix if m.kind == "elementwise") for u in units]
+    added = kernels_of(units, "elementwise")
     assert added == [3, 0]  # a Where over the mask, IsNaN and Where over the scores
     scores, mask_elements = 2 * 3 * 6 * 6, 2 * 1 * 6 * 6
     (mask_ops,) = [m for m in units[0].op_mix if m.kind == "elementwise"]
