@@ -180,8 +180,8 @@ def test_boundary_codecs_are_applied_remotely_as_locally(compiled, fleet_file, t
 def test_wrong_or_missing_token_is_refused(compiled, fleet_file, token_file, workers, tmp_path):
     wrong = tmp_path / "wrong.token"
     wrong.write_text("f" * 40)
-    refused = r"health check: worker of device .* refused the call: missing or wrong token"
-    with pytest.raises(RemoteError, match=refused):
+    wrong_token = r"health check: worker of device .* refused the call: missing or wrong token"
+    with pytest.raises(RemoteError, match=wrong_token):
         WorkerClient(workers[0].address, "f" * 40, "dev-a").health()
     with grpc.insecure_channel(workers[1].address) as channel:  # no token at all
         with pytest.raises(grpc.RpcError) as refused:
