@@ -159,9 +159,13 @@ def zoo_builders():
                 for name, config in ZOO]
     # Separable CNNs unlike the held-out one (Hardswish / ReLU, kernel 5 / 3, even blocks
     # downsample): the zoo's ResNets alone taught the join model their NCHWc savings,
-    # which depthwise blocks do not have.
+    # which depthwise blocks do not have. The first two have 18-47 us blocks, where two
+    # threads barely pay (cpu2 / cpu1 0.8-1.2), and widths off ONNX Runtime's 16-channel
+    # block; the last two have aligned widths and blocks of 30-150 us.
     for widths, kernel, activation, size in (((24, 48, 96, 96), 5, nn.Hardswish, 48),
-                                             ((16, 40, 80, 160), 3, nn.ReLU, 80)):
+                                             ((16, 40, 80, 160), 3, nn.ReLU, 80),
+                                             ((32, 64, 128, 256), 3, nn.ReLU, 96),
+                                             ((64, 128, 128, 256), 3, nn.Hardswish, 48)):
         builders.append((f"sepchain-{widths[-1]}-k{kernel}-{size}",
                          lambda widths=widths, kernel=kernel, activation=activation, size=size:
                          build_separable_cnn(widths=widths, kernel=kernel, activation=activation,
