@@ -161,7 +161,7 @@ def zoo_builders():
     # downsample): the zoo's ResNets alone taught the join model their NCHWc savings,
     # which depthwise blocks do not have. The first two have 18-47 us blocks, where two
     # threads barely pay (cpu2 / cpu1 0.8-1.2), and widths off ONNX Runtime's 16-channel
-    # block; the last two have aligned widths and blocks of 30-150 us.
+    # block; the last two have aligned widths and blocks of 47-152 us (cpu2 / cpu1 0.62-0.86).
     for widths, kernel, activation, size in (((24, 48, 96, 96), 5, nn.Hardswish, 48),
                                              ((16, 40, 80, 160), 3, nn.ReLU, 80),
                                              ((32, 64, 128, 256), 3, nn.ReLU, 96),
