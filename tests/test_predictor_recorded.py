@@ -103,13 +103,15 @@ def test_held_out_stages_of_a_store_timed_as_the_runtime_runs_two_threads():
     ("host-v", (0.030, 0.95), (0.045, 0.80)),
     # 2.4 % / 98 % and 5.2 % / 78 % when recorded, the CNN's cpu2 stages 12.9 % / 36 %
     ("host-x", (0.030, 0.95), (0.060, 0.75)),
+    # 2.6 % / 98 % and 5.2 % / 85 % when recorded, the CNN's cpu2 stages 8.3 % / 57 %
+    ("host-y", (0.030, 0.95), (0.060, 0.80)),
 ])
 def test_held_out_stages_of_quiet_stores_meet_the_target_on_one_thread(store, cpu1, cpu2):
-    """Stores U, V and X, timed as the runtime runs two threads, in quiet phases (noise floor
-    of the cpu1 stages 1.2 %, 0.4 % and 0.5 %, of the cpu2 stages 3.3 % / 87 %, 3.0 % / 78 %
-    and 1.2 % / 96 %): cpu1 meets the target; cpu2 is short of it by what the law misses on
-    two threads. X was profiled after every predictor change these tests guard (twelve
-    rounds), so it is data no change was tuned on."""
+    """Stores U, V, X and Y, timed as the runtime runs two threads, in quiet phases (noise
+    floor of the cpu1 stages 1.2 %, 0.4 %, 0.5 % and 0.5 %, of the cpu2 stages 3.3 % / 87 %,
+    3.0 % / 78 %, 1.2 % / 96 % and 0.7 % / 100 %): cpu1 meets the target; cpu2 is short of
+    it by what the law misses on two threads. X and Y were profiled after every predictor
+    change these tests guard (twelve rounds), so they are data no change was tuned on."""
     stages = stage_figures(DATA / store)
     assert stages["cpu1"][0] <= cpu1[0] and stages["cpu1"][1] >= cpu1[1]
     assert stages["cpu2"][0] <= cpu2[0] and stages["cpu2"][1] >= cpu2[1]
