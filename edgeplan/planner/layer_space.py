@@ -6,7 +6,10 @@ elementwise, and two whole block types: a LLaMA-style decoder block (RMSNorm, ro
 attention, SwiGLU MLP, written here, not taken from transformers) and a depthwise-
 separable conv block) it samples shapes log-uniformly from seeded ranges and builds one
 `LayerBank` model per family whose `layers.i` are the sampled layers, each applied to
-its own input. One family samples controlled pairs instead (`conv_epilogue`: one conv,
+its own input. One family is sampled densely where edge models live
+(`small_separable_block`: separable blocks of 30-400 us, twice `samples`), as nn-Meter
+samples densely where its predictors err: the whole range of separable blocks puts few
+there, and there two threads' speedup changes fastest with the block's size. One family samples controlled pairs instead (`conv_epilogue`: one conv,
 with an activation its kernel applies for free and with one applied after it), so that
 the pair's difference prices what single samples confound with their shapes.
 `group_units` makes every `layers.i` its own unit (each layer reads a weight, so none is
@@ -33,7 +36,9 @@ from torch import nn
 from edgeplan.planner.profile import LAYER_SPACE_PREFIX
 
 FAMILIES = ("linear", "matmul", "conv", "conv_epilogue", "attention", "norm", "elementwise",
-            "llama_block", "separable_block")
+            "llama_block", "separable_block", "small_separable_block")
+# Families sampled at a multiple of `samples` (module docstring).
+DENSITY = {"small_separable_block": 2}
 
 
 class LayerBank(nn.Module):
@@ -327,28 +332,57 @@ def _separable_block(rng, max_mflops):
     while True:
         c_in, c_out = _log_uniform(rng, 8, 512, 8), _log_uniform(rng, 8, 512, 8)
         size, kernel, stride = _log_uniform(rng, 4, 112), rng.choice([3, 3, 5]), rng.choice([1, 2])
-        out_size = (size - 1) // stride + 1
-        mflops = 2 * c_in * out_size ** 2 * (kernel ** 2 + c_out) / 1e6
-        if _fits(mflops, max_mflops):
-            activation = rng.choice([nn.ReLU(), nn.ReLU6(), nn.Hardswish()])
-            block = SeparableConvBlock(c_in, c_out, kernel, stride, activation)
-            with torch.no_grad():
-                for norm in (block.bn1, block.bn2):
-                    norm.running_var.uniform_(0.5, 1.5)
-            return (f"separable_block {c_in}->{c_out} k{kernel} s{stride} {size}px "
-                    f"{type(activation).__name__}", block, torch.randn(1, c_in, size, size))
+        if _fits(_separable_mflops(c_in, c_out, size, kernel, stride), max_mflops):
+            return _sampled_separable_block(rng, c_in, c_out, size, kernel, stride)
+
+
+# What an edge CNN's separable blocks cost (MobileNet-v1 at 64-224 px: 0.5-30 MFLOP each),
+# where the separable_block family, log-uniform up to max_mflops, draws about one in six.
+SMALL_BLOCK_MFLOPS = (0.5, 30.0)
+
+
+def _small_separable_block(rng, max_mflops):
+    """A separable block as edge CNNs have them: 16-256 input channels, widening by up to
+    3x (or narrowing by 1.4x) as MobileNets do, at 7-64 px, within SMALL_BLOCK_MFLOPS."""
+    low, high = SMALL_BLOCK_MFLOPS
+    while True:
+        c_in = _log_uniform(rng, 16, 256, 8)
+        c_out = max(8, int(round(c_in * 2 ** rng.uniform(-0.5, 1.5) / 8)) * 8)
+        size, kernel, stride = _log_uniform(rng, 7, 64), rng.choice([3, 3, 5]), rng.choice([1, 2])
+        mflops = _separable_mflops(c_in, c_out, size, kernel, stride)
+        if low <= mflops <= min(high, max_mflops):
+            return _sampled_separable_block(rng, c_in, c_out, size, kernel, stride)
+
+
+def _separable_mflops(c_in: int, c_out: int, size: int, kernel: int, stride: int) -> float:
+    out_size = (size - 1) // stride + 1
+    return 2 * c_in * out_size ** 2 * (kernel ** 2 + c_out) / 1e6
+
+
+def _sampled_separable_block(rng, c_in: int, c_out: int, size: int, kernel: int, stride: int):
+    """(description, block, input) of a separable block with a drawn activation and
+    BatchNorm statistics that are not the identity."""
+    activation = rng.choice([nn.ReLU(), nn.ReLU6(), nn.Hardswish()])
+    block = SeparableConvBlock(c_in, c_out, kernel, stride, activation)
+    with torch.no_grad():
+        for norm in (block.bn1, block.bn2):
+            norm.running_var.uniform_(0.5, 1.5)
+    return (f"separable_block {c_in}->{c_out} k{kernel} s{stride} {size}px "
+            f"{type(activation).__name__}", block, torch.randn(1, c_in, size, size))
 
 
 SAMPLERS = {"linear": _linear, "matmul": _matmul, "conv": _conv, "conv_epilogue": _conv_epilogue_pair,
             "attention": _attention, "norm": _norm, "elementwise": _elementwise,
-            "llama_block": _llama_block, "separable_block": _separable_block}
+            "llama_block": _llama_block, "separable_block": _separable_block,
+            "small_separable_block": _small_separable_block}
 
 
 def layer_space(samples: int = 12, seed: int = 0, families: tuple[str, ...] = FAMILIES,
                 max_mflops: float = 400.0) -> Iterator[tuple[str, LayerBank, tuple, tuple[str, ...]]]:
     """(model name, LayerBank, example inputs, layer descriptions) per family, seeded.
 
-    Unit `layers.i` of the bank is the layer described by descriptions[i].
+    Unit `layers.i` of the bank is the layer described by descriptions[i]. A family of
+    DENSITY draws that many times `samples`.
     """
     unknown = [f for f in families if f not in SAMPLERS]
     if unknown:
@@ -357,7 +391,7 @@ def layer_space(samples: int = 12, seed: int = 0, families: tuple[str, ...] = FA
         rng = random.Random(f"{seed}:{family}")
         torch.manual_seed(rng.randrange(2**31))
         layers, inputs, descriptions = [], [], []
-        while len(layers) < samples:
+        while len(layers) < samples * DENSITY.get(family, 1):
             drawn = SAMPLERS[family](rng, max_mflops)  # one sample, or a list measured as a set
             for description, layer, x in drawn if isinstance(drawn, list) else [drawn]:
                 layers.append(layer)

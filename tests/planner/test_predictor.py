@@ -20,7 +20,7 @@ from edgeplan.passes.units import group_units
 from edgeplan.planner import predictor as predictor_module
 from edgeplan.planner.cost import RooflineCostModel
 from edgeplan.planner.fleet import load_fleet
-from edgeplan.planner.layer_space import FAMILIES, layer_space
+from edgeplan.planner.layer_space import FAMILIES, SMALL_BLOCK_MFLOPS, layer_space
 from edgeplan.planner.plan import Plan
 from edgeplan.planner.predictor import (
     JOIN_BASIS,
@@ -627,25 +627,26 @@ def test_layer_space_gives_one_unit_per_sampled_layer():
     for name, bank, inputs, descriptions in layer_space(samples=3, seed=1):
         units = group_units(annotate(capture(bank, inputs, name)))
         family = name.removeprefix("layers-")
-        # a family of pairs draws whole pairs: 3 samples are 2 pairs
-        assert len(descriptions) == (4 if family == "conv_epilogue" else 3)
+        # a family of pairs draws whole pairs: 3 samples are 2 pairs; a dense family twice 3
+        assert len(descriptions) == {"conv_epilogue": 4, "small_separable_block": 6}.get(family, 3)
         assert [u.name for u in units] == [f"layers.{i}" for i in range(len(descriptions))]
         kind = {"linear": "matmul", "llama_block": "attention", "conv_epilogue": "conv",
-                "separable_block": "conv"}.get(family, family)
+                "separable_block": "conv", "small_separable_block": "conv"}.get(family, family)
         for unit, description in zip(units, descriptions):
-            assert description.split()[0] in (kind, family, "batch_norm", "layer_norm", "rms_norm",
+            assert description.split()[0] in (kind, family.removeprefix("small_"), "batch_norm", "layer_norm", "rms_norm",
                                               "softmax", *ELEMENTWISE_OPS)
             if family != "norm":
                 expected = "depthwise" if " dw" in description else kind
                 # a dense conv reading fewer than STEM_CHANNELS channels: kind "stem"
                 if kind == "conv" and int(description.split()[1].split("->")[0]) < 16:
-                    expected = "stem" if family != "separable_block" else "depthwise"
+                    expected = "depthwise" if family.endswith("separable_block") else "stem"
                 assert expected in {m.kind for m in unit.op_mix}, (description, unit.op_mix)
         seen.append(family)
     assert tuple(seen) == FAMILIES
     # conv channel counts are multiples of 8, as in real CNNs, except image stems' 3 inputs
     stems = 0
-    for name, bank, _, descriptions in layer_space(samples=16, seed=2, families=("conv", "separable_block")):
+    for name, bank, _, descriptions in layer_space(samples=16, seed=2, families=(
+            "conv", "separable_block", "small_separable_block")):
         for layer, description in zip(bank.layers, descriptions):
             convs = [m for m in layer.modules() if isinstance(m, torch.nn.Conv2d)]
             assert convs and all(c.out_channels % 8 == 0 for c in convs), description
@@ -656,6 +657,14 @@ def test_layer_space_gives_one_unit_per_sampled_layer():
                 else:
                     assert conv.in_channels % 8 == 0, description
     assert stems >= 1
+    # the dense family: twice the samples, every block what an edge CNN's blocks cost
+    (_, bank, inputs, descriptions), = layer_space(samples=16, seed=2, families=("small_separable_block",))
+    assert len(descriptions) == 32
+    for block, x in zip(bank.layers, inputs):
+        out_size = (x.shape[-1] - 1) // block.depthwise.stride[0] + 1
+        kernel = block.depthwise.kernel_size[0]
+        mflops = 2 * x.shape[1] * out_size ** 2 * (kernel ** 2 + block.pointwise.out_channels) / 1e6
+        assert SMALL_BLOCK_MFLOPS[0] <= mflops <= SMALL_BLOCK_MFLOPS[1]
     # the conv epilogue pairs: one conv, its ReLU free, its other activation an epilogue
     (_, bank, inputs, descriptions), = layer_space(samples=8, seed=3, families=("conv_epilogue",))
     units = group_units(annotate(capture(bank, inputs, "pairs")))
