@@ -7,9 +7,10 @@ One run, in order:
 1. Training store: after one calibration profile (the machine's speed, discarded), the
    zoo (examples/gpt.py, examples/llama_style.py and examples/resnet.py at several sizes,
    two separable CNN chains built from the layer space's blocks) and the sampled layer space
-   (planner/layer_space.py; since store Z, with 48 small separable blocks) profiled unit by unit on this host's ONNX Runtime CPU with 1
-   and 2 threads (`profile_units`: warm-up, repeats, quietest round's median, rounds
-   retried while the reference workload ran slow), and the zoo models also run as every
+   (planner/layer_space.py; since store Z, with 48 small separable blocks) profiled unit
+   by unit on this host's ONNX Runtime CPU with 1 and 2 threads (`profile_units`: warm-up,
+   repeats, quietest round's median, rounds retried while the reference workload ran
+   slow), and the zoo models also run as every
    pair of neighbours and split into 2 and 3 stages, timed in the same rounds as their
    units (stage records: what running units together changes, the join model's data).
 2. Held out (never in the store): HF GPT-2 and HF LLaMA built from configs

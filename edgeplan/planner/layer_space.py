@@ -6,12 +6,13 @@ elementwise, and two whole block types: a LLaMA-style decoder block (RMSNorm, ro
 attention, SwiGLU MLP, written here, not taken from transformers) and a depthwise-
 separable conv block) it samples shapes log-uniformly from seeded ranges and builds one
 `LayerBank` model per family whose `layers.i` are the sampled layers, each applied to
-its own input. One family is sampled densely where edge models live
-(`small_separable_block`: separable blocks of 30-400 us, twice `samples`), as nn-Meter
-samples densely where its predictors err: the whole range of separable blocks puts few
-there, and there two threads' speedup changes fastest with the block's size. One family samples controlled pairs instead (`conv_epilogue`: one conv,
+its own input. One family samples controlled pairs instead (`conv_epilogue`: one conv,
 with an activation its kernel applies for free and with one applied after it), so that
-the pair's difference prices what single samples confound with their shapes.
+the pair's difference prices what single samples confound with their shapes. One family
+is sampled densely where edge models live (`small_separable_block`: separable blocks of
+30-400 us, twice `samples`), as nn-Meter samples densely where its predictors err: the
+whole range of separable blocks puts few there, and there two threads' speedup changes
+fastest with the block's size.
 `group_units` makes every `layers.i` its own unit (each layer reads a weight, so none is
 merged away as a light run), and `profile_units` times them like the units of any model.
 

@@ -633,8 +633,8 @@ def test_layer_space_gives_one_unit_per_sampled_layer():
         kind = {"linear": "matmul", "llama_block": "attention", "conv_epilogue": "conv",
                 "separable_block": "conv", "small_separable_block": "conv"}.get(family, family)
         for unit, description in zip(units, descriptions):
-            assert description.split()[0] in (kind, family.removeprefix("small_"), "batch_norm", "layer_norm", "rms_norm",
-                                              "softmax", *ELEMENTWISE_OPS)
+            assert description.split()[0] in (kind, family.removeprefix("small_"), "batch_norm", "layer_norm",
+                                              "rms_norm", "softmax", *ELEMENTWISE_OPS)
             if family != "norm":
                 expected = "depthwise" if " dw" in description else kind
                 # a dense conv reading fewer than STEM_CHANNELS channels: kind "stem"
