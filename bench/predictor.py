@@ -593,7 +593,8 @@ def main(argv=None) -> int:
         print(f"{backend:<8} " + ("none (does not predict left-out models' stages)" if coef is None else
               f"{coef[0] * 1e6:+.1f} us per cut, {coef[1] * 1e12:+.1f} us per MB of 4-D tensors, "
               f"{coef[2] * 1e12:+.1f} us per MB of other tensors, {coef[3] * 1e12:+.2f} us per MB "
-              f"of the two units' weights, {coef[4] * 1e12:+.1f} us per MB of a LayerNorm unit after it"))
+              f"of the two units' weights, {coef[4] * 1e12:+.1f} us per MB of a LayerNorm unit after it, "
+              f"{coef[5] * 1e12:+.1f} us per MB of an unfused activation before a conv net's cut"))
     print("\nMachine drift: the reference workload (profile.reference_model, timed in every round)")
     for backend in BACKENDS:
         phases = [("training", [r for r in store_records if r.backend == backend]),

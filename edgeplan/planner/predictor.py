@@ -75,19 +75,22 @@ Add and LayerNormalization ran 25 us (GPT-2's last block and ln_f: +16 % as one 
 A join model says what each cut inside a stage adds:
 
     join(cut) = j_cut + j_nchw * nchw_bytes + j_other * other_bytes + j_weights * weight_bytes
-                + j_layernorm * layernorm_bytes
+                + j_layernorm * layernorm_bytes + j_activation * activation_bytes
 
-(the cut's 4-D and other tensor bytes, the two neighbours' weight bytes, and the
-LayerNorm bytes of the unit after the cut if that unit holds pointwise ops only; signed
-coefficients), fitted on the store's stage records whose units were timed alone too: each
-gives measured stage - (sum of its units' measured times - (parts - 1) * c_run) = sum of
-its cuts' joins. It is kept only where it predicts the stages of models left out of its
-fit better than no join does (leave-one-model-out, not family: what a cut changes is a
-mechanism, a fusion or a layout, that one family alone may show, and leaving that family
-out would ask the fit for a mechanism it never saw), and a join never saves more than the
-smaller neighbour costs. `predict_stage(parts)` = sum of the parts' predictions
-- (parts - 1) * c_run + the joins of its cuts; the cost tables carry the joins as
-`join_s` for the solvers.
+(the cut's 4-D and other tensor bytes, the two neighbours' weight bytes, the LayerNorm
+bytes of the unit after the cut if that unit holds pointwise ops only, and the elementwise
+bytes of the unit before a cut that only 4-D tensors cross: an activation ONNX Runtime
+does not fuse into the conv before it, as a Hardswish, which changed what a cut saves on
+two threads 2-4x against ReLU chains of the same tensor bytes, so that one rate per 4-D
+byte priced a ReLU6 CNN's cuts at twice what they saved; signed coefficients), fitted on
+the store's stage records whose units were timed alone too: each gives measured stage -
+(sum of its units' measured times - (parts - 1) * c_run) = sum of its cuts' joins. It is
+kept only where it predicts the stages of models left out of its fit better than no join
+does (leave-one-model-out, not family: what a cut changes is a mechanism, a fusion or a
+layout, that one family alone may show, and leaving that family out would ask the fit for
+a mechanism it never saw), and a join never saves more than the smaller neighbour costs.
+`predict_stage(parts)` = sum of the parts' predictions - (parts - 1) * c_run + the joins
+of its cuts; the cost tables carry the joins as `join_s` for the solvers.
 
 The join model's 4-D term is also what prices ORT's layout reorders (op kind `layout`: a
 conv unit alone reorders its input and output; a cut inside a stage drops both, 4 layout
@@ -180,7 +183,7 @@ STAGE_CUT_SHARE = 0.1
 RUN_NOISE_PER_SPREAD = 0.16
 # The join model's features of a cut (module docstring) and the fewest stage records
 # (from at least two models) it is fitted on.
-JOIN_BASIS = ("cut", "nchw_bytes", "other_bytes", "weight_bytes", "layernorm_bytes")
+JOIN_BASIS = ("cut", "nchw_bytes", "other_bytes", "weight_bytes", "layernorm_bytes", "activation_bytes")
 # Op kinds that make a unit more than pointwise work (what ORT cannot fuse with a neighbour).
 HEAVY_KINDS = ("matmul", "conv", "stem", "depthwise", "attention", "embedding")
 MIN_JOIN_RECORDS = 8
@@ -243,9 +246,13 @@ def join_features(before: dict[str, float], after: dict[str, float]) -> np.ndarr
     # into a Skip(Simplified)LayerNormalization when both run in one stage.
     layernorm = (0.0 if any(after.get(f"{kind}_count", 0.0) for kind in HEAVY_KINDS)
                  else float(after.get("norm_bytes", 0.0)))
-    return np.array([1.0, nchw, float(before.get("cut_bytes", 0.0)) - nchw,
+    other = float(before.get("cut_bytes", 0.0)) - nchw
+    # A conv net's cut (4-D tensors only) after an activation the conv does not fuse; a
+    # transformer's GELU before a cut of its hidden state is not one.
+    activation = float(before.get("elementwise_bytes", 0.0)) if nchw > 0 and other == 0 else 0.0
+    return np.array([1.0, nchw, other,
                      float(before.get("param_bytes", 0.0)) + float(after.get("param_bytes", 0.0)),
-                     layernorm])
+                     layernorm, activation])
 
 
 def model_family(model: str) -> str:
