@@ -13,6 +13,8 @@ COST_KEY = "edgeplan.cost"
 UNIT_KEY = "edgeplan.unit"
 ORIGIN_KEY = "edgeplan.origin"
 SIGNATURE_KEY = "edgeplan.signature"
+# Channel planes this many bytes apart (or a multiple) map to the same cache sets.
+ALIASING_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,16 @@ class TensorSpec:
         from numpy import dtype, prod
 
         return int(prod(self.shape, dtype="int64")) * dtype(self.dtype).itemsize
+
+    @property
+    def aliased_planes(self) -> bool:
+        """A 4-D activation whose channel planes lie a multiple of ALIASING_BYTES apart:
+        the cache sets of a 4 KiB page (passes/units.py, kind "aliased_layout")."""
+        from numpy import dtype
+
+        if len(self.shape) != 4:
+            return False
+        return self.shape[2] * self.shape[3] * dtype(self.dtype).itemsize % ALIASING_BYTES == 0
 
 
 @dataclass(frozen=True)

@@ -241,7 +241,13 @@ def _layout_reorders(run: list[torch.fx.Node]) -> tuple[OpMix, ...]:
     later unit, the graph's output, an op without an NCHWc kernel such as a mean). They
     are kernels the FX graph does not show (a separable block alone: 2 convolutions and
     2 reorders of its input and output), as kind "layout" with the bytes they read and
-    write; a stage of several units keeps its inner cuts blocked (the join model)."""
+    write; a stage of several units keeps its inner cuts blocked (the join model). A
+    ReorderOutput into channel planes a multiple of 4 KiB apart (`TensorSpec.aliased_planes`:
+    float32 planes of 32 x 32, 64 x 64, 96 x 96) is counted once more as kind
+    "aliased_layout", for what it costs beyond a reorder: it writes 8 channels at once into
+    planes that map to the same cache sets, and took twice the time per byte of the others
+    here (bench/layout_aliasing.py, 64 channels, one thread: 94-104 us per MB at 32, 64, 96
+    and 128 px, 37-64 at the other sizes from 24 to 100 px; ReorderInput 43-73 at all)."""
     region: set[torch.fx.Node] = set()
     reordered_inputs: set[torch.fx.Node] = set()
     for node in run:
@@ -262,7 +268,11 @@ def _layout_reorders(run: list[torch.fx.Node]) -> tuple[OpMix, ...]:
     tensors = [n.meta.get(TENSOR_KEY) for n in (*reordered_inputs, *reordered_outputs)]
     if not tensors:
         return ()
-    return (OpMix("layout", len(tensors), 0, 2 * sum(t.nbytes for t in tensors if t is not None)),)
+    reorders = OpMix("layout", len(tensors), 0, 2 * sum(t.nbytes for t in tensors if t is not None))
+    aliased = [t for t in (n.meta.get(TENSOR_KEY) for n in reordered_outputs) if t is not None and t.aliased_planes]
+    if not aliased:
+        return (reorders,)
+    return (reorders, OpMix("aliased_layout", len(aliased), 0, 2 * sum(t.nbytes for t in aliased)))
 
 
 def _gemm_biases(run: list[torch.fx.Node]) -> tuple[OpMix, ...]:

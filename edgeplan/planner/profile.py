@@ -115,7 +115,7 @@ RUN_RUNTIME = "edgeplan run"
 # Records of the sampled layer space (planner/layer_space.py) are named "<prefix><family>".
 LAYER_SPACE_PREFIX = "layers-"
 OP_KINDS = ("matmul", "bias", "conv", "stem", "depthwise", "attention", "norm", "elementwise", "reduce",
-            "embedding", "layout", "epilogue", "copy", "view", "fused", "other")
+            "embedding", "layout", "aliased_layout", "epilogue", "copy", "view", "fused", "other")
 # A run is an outlier when it lies more than this many scaled MADs from the median.
 OUTLIER_MADS = 3.0
 # Warm-up and timed time per round: enough runs for a unit of tens of microseconds to
@@ -321,6 +321,7 @@ def unit_features(unit) -> dict[str, float]:
         # 4-D activations crossing the cut: ONNX Runtime keeps them in its blocked conv
         # layout inside a stage and reorders them at a stage boundary.
         "cut_nchw_bytes": float(sum(t.nbytes for t in unit.cut_tensors if len(t.shape) == 4)),
+        "cut_aliased_bytes": float(sum(t.nbytes for t in unit.cut_tensors if t.aliased_planes)),
     }
     for kind in OP_KINDS:
         for quantity in ("count", "flops", "bytes"):

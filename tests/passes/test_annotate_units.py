@@ -11,7 +11,7 @@ from torch import nn
 from edgeplan.errors import CaptureError
 from edgeplan.passes.annotate import annotate
 from edgeplan.passes.capture import capture
-from edgeplan.passes.records import COST_KEY, SIGNATURE_KEY, UNIT_KEY, OpCost, OpMix
+from edgeplan.passes.records import COST_KEY, SIGNATURE_KEY, UNIT_KEY, OpCost, OpMix, TensorSpec
 from edgeplan.passes.units import group_units, unit_key
 
 
@@ -268,6 +268,38 @@ def test_layout_reorders_are_the_ones_onnx_runtime_adds():
         pytest.skip("this host's ONNX Runtime runs convolutions without the NCHWc layout")
     assert ort_counts == list(counts.values())
 
+
+
+def test_reorders_out_into_channel_planes_4_kib_apart_are_counted_again():
+    """At 64 px the stem leaves 32 x 32 planes (4096 bytes): every ReorderOutput writes 8
+    channel planes that map to the same cache sets (twice the time per byte here), its
+    ReorderInputs read them. At 56 px (28 x 28 planes, 3136 bytes) none are aliased."""
+    def mixes(size):
+        inputs = (torch.randn(1, 3, size, size),)
+        units = group_units(annotate(capture(LayoutNet().eval(), inputs)))
+        return {u.name: {m.kind: m for m in u.op_mix if m.kind.endswith("layout")} for u in units}
+
+    aligned, off = mixes(64), mixes(56)
+    aliased = {name: kinds["aliased_layout"].count if "aliased_layout" in kinds else 0
+               for name, kinds in aligned.items()}
+    # the reorders out of the stem, blocks.0, and blocks.1's two (the 32 -> 4 conv's output
+    # for the NCHW-reading conv, and its own output); no unit at 56 px has one
+    assert aliased == {"stem.0": 1, "blocks.0": 1, "blocks.1": 2, "blocks.2": 0, "head": 0}
+    assert all("aliased_layout" not in kinds for kinds in off.values())
+    # counted again, next to every reorder as kind "layout" (what a reorder costs)
+    plane = 32 * 32 * 4
+    assert aligned["blocks.0"]["aliased_layout"] == OpMix("aliased_layout", 1, 0, 2 * 32 * plane)
+    assert aligned["blocks.0"]["layout"] == OpMix("layout", 2, 0, 2 * (16 + 32) * plane)
+    for name, kinds in aligned.items():
+        assert kinds.get("layout", OpMix("layout", 0, 0, 0)).count == (
+            off[name]["layout"].count if "layout" in off[name] else 0)
+
+
+def test_aliased_planes_of_a_tensor_spec():
+    assert TensorSpec("x", (1, 16, 32, 32), "float32").aliased_planes
+    assert TensorSpec("x", (2, 8, 32, 64), "float16").aliased_planes
+    assert not TensorSpec("x", (1, 16, 28, 28), "float32").aliased_planes
+    assert not TensorSpec("x", (1, 1024, 1024), "float32").aliased_planes  # not a 4-D activation
 
 class HeadsAttention(nn.Module):
     """Multi-head attention written out: a fused QKV projection split in three, heads
