@@ -162,11 +162,14 @@ def zoo_builders():
     # downsample): the zoo's ResNets alone taught the join model their NCHWc savings,
     # which depthwise blocks do not have. The first two have 18-47 us blocks, where two
     # threads barely pay (cpu2 / cpu1 0.8-1.2), and widths off ONNX Runtime's 16-channel
-    # block; the last two have aligned widths and blocks of 47-152 us (cpu2 / cpu1 0.62-0.86).
+    # block; the next two have aligned widths and blocks of 47-152 us (cpu2 / cpu1 0.62-0.86).
+    # The last runs at 64 px, channel planes 16 KiB apart: its cuts save reorders that cost
+    # twice the time per byte of the others' (kind "aliased_layout").
     for widths, kernel, activation, size in (((24, 48, 96, 96), 5, nn.Hardswish, 48),
                                              ((16, 40, 80, 160), 3, nn.ReLU, 80),
                                              ((32, 64, 128, 256), 3, nn.ReLU, 96),
-                                             ((64, 128, 128, 256), 3, nn.Hardswish, 48)):
+                                             ((64, 128, 128, 256), 3, nn.Hardswish, 48),
+                                             ((16, 32, 48, 64), 5, nn.ReLU, 128)):
         builders.append((f"sepchain-{widths[-1]}-k{kernel}-{size}",
                          lambda widths=widths, kernel=kernel, activation=activation, size=size:
                          build_separable_cnn(widths=widths, kernel=kernel, activation=activation,
@@ -594,7 +597,8 @@ def main(argv=None) -> int:
               f"{coef[0] * 1e6:+.1f} us per cut, {coef[1] * 1e12:+.1f} us per MB of 4-D tensors, "
               f"{coef[2] * 1e12:+.1f} us per MB of other tensors, {coef[3] * 1e12:+.2f} us per MB "
               f"of the two units' weights, {coef[4] * 1e12:+.1f} us per MB of a LayerNorm unit after it, "
-              f"{coef[5] * 1e12:+.1f} us per MB of an unfused activation before a conv net's cut"))
+              f"{coef[5] * 1e12:+.1f} us per MB of an unfused activation before a conv net's cut, "
+              f"{coef[6] * 1e12:+.1f} us per MB of 4-D tensors in channel planes 4 KiB apart"))
     print("\nMachine drift: the reference workload (profile.reference_model, timed in every round)")
     for backend in BACKENDS:
         phases = [("training", [r for r in store_records if r.backend == backend]),

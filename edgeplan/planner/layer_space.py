@@ -6,9 +6,11 @@ elementwise, and two whole block types: a LLaMA-style decoder block (RMSNorm, ro
 attention, SwiGLU MLP, written here, not taken from transformers) and a depthwise-
 separable conv block) it samples shapes log-uniformly from seeded ranges and builds one
 `LayerBank` model per family whose `layers.i` are the sampled layers, each applied to
-its own input. One family samples controlled pairs instead (`conv_epilogue`: one conv,
-with an activation its kernel applies for free and with one applied after it), so that
-the pair's difference prices what single samples confound with their shapes. One family
+its own input. Two families sample controlled pairs instead (`conv_epilogue`: one conv,
+with an activation its kernel applies for free and with one applied after it;
+`aligned_separable_block`: one separable block whose output lies in channel planes 4 KiB
+apart, as CNNs at 32, 64 or 128 px have them, and the same block 4 px off), so that the
+pair's difference prices what single samples confound with their shapes. One family
 is sampled densely where edge models live (`small_separable_block`: separable blocks of
 30-400 us, twice `samples`), as nn-Meter samples densely where its predictors err: the
 whole range of separable blocks puts few there, and there two threads' speedup changes
@@ -37,9 +39,9 @@ from torch import nn
 from edgeplan.planner.profile import LAYER_SPACE_PREFIX
 
 FAMILIES = ("linear", "matmul", "conv", "conv_epilogue", "attention", "norm", "elementwise",
-            "llama_block", "separable_block", "small_separable_block")
+            "llama_block", "separable_block", "small_separable_block", "aligned_separable_block")
 # Families sampled at a multiple of `samples` (module docstring).
-DENSITY = {"small_separable_block": 2}
+DENSITY = {"small_separable_block": 2, "aligned_separable_block": 2}
 
 
 class LayerBank(nn.Module):
@@ -355,15 +357,40 @@ def _small_separable_block(rng, max_mflops):
             return _sampled_separable_block(rng, c_in, c_out, size, kernel, stride)
 
 
+# Output sizes whose float32 channel planes lie a multiple of 4 KiB apart
+# (records.ALIASING_BYTES), as in CNNs at 64, 128 or 256 px.
+ALIGNED_OUTPUT_SIZES = (32, 64)
+ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardswish)
+
+
+def _aligned_separable_block(rng, max_mflops):
+    """A pair of small separable blocks alike but for their output size: one at
+    ALIGNED_OUTPUT_SIZES, whose output ONNX Runtime reorders out of its blocked layout into
+    channel planes 4 KiB apart (kind "aliased_layout", twice the time per byte here), and
+    one 4 px off. The other families draw sizes log-uniform and seldom hit these."""
+    low, high = SMALL_BLOCK_MFLOPS
+    while True:
+        c_in = _log_uniform(rng, 16, 256, 8)
+        c_out = max(8, int(round(c_in * 2 ** rng.uniform(-0.5, 1.5) / 8)) * 8)
+        aligned, kernel, stride = rng.choice(ALIGNED_OUTPUT_SIZES), rng.choice([3, 3, 5]), rng.choice([1, 2])
+        off = aligned + rng.choice([-4, 4])
+        if all(low <= _separable_mflops(c_in, c_out, out * stride, kernel, stride) <= min(high, max_mflops)
+               for out in (aligned, off)):
+            activation = rng.choice(ACTIVATIONS)
+            return [_sampled_separable_block(rng, c_in, c_out, out * stride, kernel, stride, activation)
+                    for out in (aligned, off)]
+
+
 def _separable_mflops(c_in: int, c_out: int, size: int, kernel: int, stride: int) -> float:
     out_size = (size - 1) // stride + 1
     return 2 * c_in * out_size ** 2 * (kernel ** 2 + c_out) / 1e6
 
 
-def _sampled_separable_block(rng, c_in: int, c_out: int, size: int, kernel: int, stride: int):
-    """(description, block, input) of a separable block with a drawn activation and
-    BatchNorm statistics that are not the identity."""
-    activation = rng.choice([nn.ReLU(), nn.ReLU6(), nn.Hardswish()])
+def _sampled_separable_block(rng, c_in: int, c_out: int, size: int, kernel: int, stride: int,
+                             activation: type[nn.Module] | None = None):
+    """(description, block, input) of a separable block with BatchNorm statistics that are
+    not the identity and `activation`, or one drawn."""
+    activation = (activation or rng.choice(ACTIVATIONS))()
     block = SeparableConvBlock(c_in, c_out, kernel, stride, activation)
     with torch.no_grad():
         for norm in (block.bn1, block.bn2):
@@ -375,7 +402,8 @@ def _sampled_separable_block(rng, c_in: int, c_out: int, size: int, kernel: int,
 SAMPLERS = {"linear": _linear, "matmul": _matmul, "conv": _conv, "conv_epilogue": _conv_epilogue_pair,
             "attention": _attention, "norm": _norm, "elementwise": _elementwise,
             "llama_block": _llama_block, "separable_block": _separable_block,
-            "small_separable_block": _small_separable_block}
+            "small_separable_block": _small_separable_block,
+            "aligned_separable_block": _aligned_separable_block}
 
 
 def layer_space(samples: int = 12, seed: int = 0, families: tuple[str, ...] = FAMILIES,

@@ -76,19 +76,23 @@ A join model says what each cut inside a stage adds:
 
     join(cut) = j_cut + j_nchw * nchw_bytes + j_other * other_bytes + j_weights * weight_bytes
                 + j_layernorm * layernorm_bytes + j_activation * activation_bytes
+                + j_aliased * aliased_bytes
 
 (the cut's 4-D and other tensor bytes, the two neighbours' weight bytes, the LayerNorm
-bytes of the unit after the cut if that unit holds pointwise ops only, and the elementwise
+bytes of the unit after the cut if that unit holds pointwise ops only, the elementwise
 bytes of the unit before a cut that only 4-D tensors cross: an activation ONNX Runtime
 does not fuse into the conv before it, as a Hardswish, which changed what a cut saves on
 two threads 2-4x against ReLU chains of the same tensor bytes, so that one rate per 4-D
-byte priced a ReLU6 CNN's cuts at twice what they saved; signed coefficients), fitted on
-the store's stage records whose units were timed alone too: each gives measured stage -
-(sum of its units' measured times - (parts - 1) * c_run) = sum of its cuts' joins. It is
-kept only where it predicts the stages of models left out of its fit better than no join
+byte priced a ReLU6 CNN's cuts at twice what they saved; and the 4-D bytes in channel
+planes a multiple of 4 KiB apart, whose ReorderOutput, writing 8 channels into planes that
+map to the same cache sets, took twice the time per byte here (kind `aliased_layout`);
+signed coefficients), fitted on the store's stage records whose units were timed alone
+too: each gives measured stage - (sum of its units' measured times - (parts - 1) * c_run)
+= sum of its cuts' joins. It is kept only where it predicts the stages of models left out of its fit better than no join
 does (leave-one-model-out, not family: what a cut changes is a mechanism, a fusion or a
 layout, that one family alone may show, and leaving that family out would ask the fit for
-a mechanism it never saw), and a join never saves more than the smaller neighbour costs.
+a mechanism it never saw; a feature that the cuts of one model alone have is held at 0,
+as no such fit sees it), and a join never saves more than the smaller neighbour costs.
 `predict_stage(parts)` = sum of the parts' predictions - (parts - 1) * c_run + the joins
 of its cuts; the cost tables carry the joins as `join_s` for the solvers.
 
@@ -98,8 +102,14 @@ bytes per byte of 4-D tensor crossing). Unit times alone cannot price them: a un
 reorders move in step with its convs' bytes, and the law gave them nothing on the 1-thread
 backend (run G), so separable blocks, one pair of reorders for two convs, came out 14-22 %
 low. Where a join model is kept with a negative 4-D term, the law takes the `layout` rate
-from it and fits the other coefficients to what that leaves (`_layout_rate`): held-out
+from it and fits the other coefficients to what that leaves (`_reorder_rates`): held-out
 stages on cpu1 within 10 % went 59-87 % -> 67-93 % in stores D-G (bench/predictor_notes.md).
+So does the surcharge of a ReorderOutput into aliased planes (`aliased_layout`, 2 bytes per
+byte of such a tensor), from the aliased term, and 0 where the join model has none: a
+unit's surcharge is then what a cut saves of it. Fitted on unit times alone it took up
+what else runs slower at those sizes (store AA, 1 thread: 46 us per MB, where a cut saves
+27 and bench/layout_aliasing.py times 24-30), and on two threads, whose cuts do not show
+it (-3 us per MB), it priced the held-out CNN's stages with aliased cuts 12-18 % high.
 
 Fallback. `LearnedCostModel` predicts a (unit, slot) pair from the model for the slot's
 device (by name or preset kind) and backend, if the model has seen every op kind of the
@@ -138,6 +148,11 @@ from edgeplan.planner.profile import (
 # Kinds whose nodes cost time; views alias, "fused" ops run inside the convolution before
 # them, and "input"/"param" are not ops.
 PREDICTED_KINDS = tuple(kind for kind in OP_KINDS if kind not in ("view", "fused"))
+# Kinds that count ops of another kind again, for what they cost beyond its rate
+# (passes/units.py): a model that never saw one prices it at nothing more, an older record
+# without it has its ops in the other kind, so neither is a reason to fall back or re-profile.
+SURCHARGE_KINDS = frozenset({"aliased_layout"})
+_COUNTED_KINDS = np.array([kind not in SURCHARGE_KINDS for kind in PREDICTED_KINDS])
 BASIS = ("runs",) + tuple(f"{kind}_{quantity}" for kind in PREDICTED_KINDS
                           for quantity in ("count", "flops", "bytes"))
 # An own fit needs a few records per coefficient; fewer means adapting a known backend.
@@ -183,7 +198,8 @@ STAGE_CUT_SHARE = 0.1
 RUN_NOISE_PER_SPREAD = 0.16
 # The join model's features of a cut (module docstring) and the fewest stage records
 # (from at least two models) it is fitted on.
-JOIN_BASIS = ("cut", "nchw_bytes", "other_bytes", "weight_bytes", "layernorm_bytes", "activation_bytes")
+JOIN_BASIS = ("cut", "nchw_bytes", "other_bytes", "weight_bytes", "layernorm_bytes", "activation_bytes",
+              "aliased_bytes")
 # Op kinds that make a unit more than pointwise work (what ORT cannot fuse with a neighbour).
 HEAVY_KINDS = ("matmul", "conv", "stem", "depthwise", "attention", "embedding")
 MIN_JOIN_RECORDS = 8
@@ -252,7 +268,7 @@ def join_features(before: dict[str, float], after: dict[str, float]) -> np.ndarr
     activation = float(before.get("elementwise_bytes", 0.0)) if nchw > 0 and other == 0 else 0.0
     return np.array([1.0, nchw, other,
                      float(before.get("param_bytes", 0.0)) + float(after.get("param_bytes", 0.0)),
-                     layernorm, activation])
+                     layernorm, activation, float(before.get("cut_aliased_bytes", 0.0))])
 
 
 def model_family(model: str) -> str:
@@ -272,10 +288,10 @@ def older_features(features: dict[str, float]) -> frozenset[str]:
     existed (its `stem` convs counted as `conv`, no `layout` reorders), so its ops are
     costed as that version saw them and its measured computations match no unit of now.
     Only records written by `unit_features` (with an "op_count") are judged: hand-written
-    features may leave out the kinds they do not use."""
+    features may leave out the kinds they do not use. SURCHARGE_KINDS are not asked for."""
     if "op_count" not in features:
         return frozenset()
-    return frozenset(kind for kind in OP_KINDS if f"{kind}_count" not in features)
+    return frozenset(kind for kind in OP_KINDS if f"{kind}_count" not in features and kind not in SURCHARGE_KINDS)
 
 
 def _older(records: Sequence[UnitProfile]) -> tuple[int, tuple[str, ...]]:
@@ -286,7 +302,8 @@ def _older(records: Sequence[UnitProfile]) -> tuple[int, tuple[str, ...]]:
 
 
 def kinds_of(features: dict[str, float]) -> frozenset[str]:
-    return frozenset(k for k in PREDICTED_KINDS if features.get(f"{k}_count", 0.0) > 0)
+    """The op kinds a unit must have been trained on to be predicted (SURCHARGE_KINDS aside)."""
+    return frozenset(k for k in PREDICTED_KINDS if k not in SURCHARGE_KINDS and features.get(f"{k}_count", 0.0) > 0)
 
 
 def nnls(a: np.ndarray, b: np.ndarray, max_iterations: int | None = None) -> np.ndarray:
@@ -364,7 +381,8 @@ def residual_features(features: dict[str, float], coef: np.ndarray,
 def _residual_point(plain: np.ndarray, row: np.ndarray, coef: np.ndarray,
                     knots: Sequence[float]) -> np.ndarray:
     """residual_features of a unit's encoded features (`_encode`)."""
-    ops, flops, moved = plain.reshape(len(PREDICTED_KINDS), 3).sum(axis=0)  # count, flops, bytes
+    # count, flops, bytes of the unit's ops (a surcharge counts some of them again)
+    ops, flops, moved = plain.reshape(len(PREDICTED_KINDS), 3)[_COUNTED_KINDS].sum(axis=0)
     size = [math.log1p(flops), math.log1p(moved), math.log1p(ops),
             math.log1p(flops / moved) if moved > 0 else 0.0]
     per_kind = np.bincount(_column_kinds(tuple(knots)), weights=row[1:] * coef[1:],
@@ -721,6 +739,13 @@ def fit_joins(records: Sequence[UnitProfile], run_overhead_s: float) -> np.ndarr
     x = np.array([c.sum(axis=0) for c in cuts]) / scales[:, None]
     y = np.array(targets) / scales
     labels = np.array(groups, dtype=object)
+    # A feature the cuts of one model alone have is held at 0: leaving that model out, no
+    # fit sees it, so nothing can vouch for its coefficient (store T's one conv net with
+    # aliased cuts fitted -152 us per MB on two threads where a second model's gave -3).
+    shown = np.array([len(set(labels[x[:, j] != 0])) >= 2 for j in range(x.shape[1])])
+    shown[0] = True
+    x = np.where(shown, x, 0.0)
+    cuts = [np.where(shown, c, 0.0) for c in cuts]
     held_out = np.empty(len(y))
     for group in set(groups):
         inside = labels == group
@@ -772,14 +797,30 @@ def choose_knots(records: Sequence[UnitProfile]) -> tuple[float, ...]:
     return SIZE_KNOTS if errors[SIZE_KNOTS] < (1.0 - KNOTS_MARGIN) * errors[()] else ()
 
 
-def _layout_rate(join_coef: np.ndarray | None) -> float:
-    """Seconds per byte of the `layout` kind (its bytes: each reorder's tensor read and
-    written) as the join model measures them, or 0 where it does not: a cut inside a stage
-    of a B-byte 4-D tensor drops a ReorderOutput and a ReorderInput, 4B layout bytes, so
-    the savings per byte of 4-D tensor crossing are 4 layout bytes' cost (module docstring)."""
-    if join_coef is None or join_coef[JOIN_BASIS.index("nchw_bytes")] >= 0:
-        return 0.0
-    return -float(join_coef[JOIN_BASIS.index("nchw_bytes")]) / 4.0
+def _reorder_rates(join_coef: np.ndarray | None) -> dict[str, float]:
+    """Seconds per byte of kinds `layout` and `aliased_layout` as the join model measures
+    them (0 where it does not): a cut of a B-byte 4-D tensor drops its ReorderOutput and
+    ReorderInput (4B layout bytes), and of one in aliased planes the ReorderOutput's
+    surcharge too (2B aliased_layout bytes)."""
+    if join_coef is None:
+        return {"layout": 0.0, "aliased_layout": 0.0}
+    return {"layout": max(0.0, -float(join_coef[JOIN_BASIS.index("nchw_bytes")]) / 4.0),
+            "aliased_layout": max(0.0, -float(join_coef[JOIN_BASIS.index("aliased_bytes")]) / 2.0)}
+
+
+def _reorder_columns(knots: tuple[float, ...], join_coef: np.ndarray | None) -> dict[int, float]:
+    """The law's coefficients the join model sets (`_reorder_rates`), by column: the layout
+    rate where it measures one, and always a surcharge kind's, 0 where no join prices it (a
+    unit's surcharge is what a cut saves of it), with its count and FLOP columns at 0 (it
+    adds no kernel)."""
+    fixed = {}
+    for kind, rate in _reorder_rates(join_coef).items():
+        column = _bytes_column(knots, kind)
+        if kind in SURCHARGE_KINDS:
+            fixed.update({column - 2: 0.0, column - 1: 0.0, column: rate})
+        elif rate:
+            fixed[column] = rate
+    return fixed
 
 
 def _bytes_column(knots: tuple[float, ...], kind: str) -> int:
@@ -820,9 +861,9 @@ def fit_model(records: Sequence[UnitProfile], device: str, backend: str) -> Late
     model = LatencyModel(device, backend, coef, kinds, len(usable), size_knots=knots,
                          older_records=older_records, older_kinds=older_kinds,
                          sleeping_records=sleeping, sleeping_left_out=left_out)
-    layout_s_per_byte = _layout_rate(fit_joins(usable, model.run_overhead_s))
-    if layout_s_per_byte:
-        coef = _relative_nnls(x, y, fixed={_bytes_column(knots, "layout"): layout_s_per_byte})
+    fixed = _reorder_columns(knots, fit_joins(usable, model.run_overhead_s))
+    if fixed:
+        coef = _relative_nnls(x, y, fixed=fixed)
         model = dataclasses.replace(model, coef=coef)
     # Residuals of unit records only: a stage's summed features are no unit's point.
     units = [r for r in usable if not r.parts]
@@ -832,7 +873,7 @@ def fit_model(records: Sequence[UnitProfile], device: str, backend: str) -> Late
                                  np.log(np.array([r.time_s for r in units])[keep] / additive[keep]),
                                  groups=[model_family(r.model) for r, k in zip(units, keep) if k],
                                  knots=knots)
-    join_coef = fit_joins(usable, model.run_overhead_s)
+    join_coef = fit_joins(usable, model.run_overhead_s)  # with the c_run of the law as refit
     return _remember(dataclasses.replace(model, residual=residual, join_coef=join_coef), usable)
 
 
