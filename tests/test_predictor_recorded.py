@@ -5,6 +5,7 @@ the pairs), refit under this code with every record's features
 recomputed: the held-out figures they had when recorded hold, so a change that makes the
 predictor worse on real measurements fails here, not in the next bench run."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 
 from edgeplan.cli import load_module
 from edgeplan.planner.layer_space import layer_space
-from edgeplan.planner.predictor import Predictor
+from edgeplan.planner.predictor import JOIN_BASIS, Predictor
 from edgeplan.planner.profile import ProfileStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -145,6 +146,44 @@ def test_dense_small_separable_blocks_bring_the_held_out_cnn_closer():
     median, within = figures(bench, predictor.models[("host", "cpu1")], cnn)
     assert median <= 0.03 and within >= 0.95
 
+
+
+def without_aliasing(records):
+    """Records as if no reorder wrote into aliased planes: kind aliased_layout and the
+    aliased cut bytes at 0 (what the features said before they existed)."""
+    def plain(features):
+        return {k: 0.0 if k.startswith("aliased_layout_") or k == "cut_aliased_bytes" else v
+                for k, v in features.items()}
+    return [dataclasses.replace(r, features=plain(r.features), parts=tuple(plain(p) for p in r.parts))
+            for r in records]
+
+
+def test_reorders_into_aliased_planes_on_the_store_that_samples_them():
+    """Store AA, profiled with the layer space's aligned_separable_block pairs and a
+    separable chain at 64 px. On one thread a cut of 4-D tensors in channel planes 4 KiB
+    apart saves 54 us per MB more than another's (bench/layout_aliasing.py: such a
+    ReorderOutput takes 94-104 us per MB, the others' 37-64), and with the surcharge the
+    held-out CNN's units, whose 64-px model writes 32 x 32 planes, go from 3.7 % / 83 % to
+    2.1 % / 100 %, all cpu1 stages from 2.1 % / 100 % to 1.8 % / 100 %. Two threads' cuts
+    do not show it (-3 us per MB): cpu2's stages 5.6 % / 93 % without it, 5.6 % / 91 % with."""
+    bench, predictor, store, units, stages = refit(DATA / "host-aa")
+    blind = Predictor.fit(without_aliasing(store))
+    cpu1 = predictor.models[("host", "cpu1")]
+    aliased = cpu1.join_coef[JOIN_BASIS.index("aliased_bytes")]
+    assert aliased < -30e-12
+    cnn = [r for r in units if r.backend == "cpu1" and r.model.startswith("sep-cnn")]
+    # the law's surcharge is what the cut saves of it: 2 surcharge bytes per tensor byte
+    stem = next(r for r in cnn if r.features["aliased_layout_count"] > 0)
+    surcharge = cpu1.additive(stem.features) - cpu1.additive(without_aliasing([stem])[0].features)
+    assert surcharge == pytest.approx(-aliased / 2 * stem.features["aliased_layout_bytes"], rel=1e-3)
+    seen = figures(bench, cpu1, cnn)
+    unseen = figures(bench, blind.models[("host", "cpu1")], without_aliasing(cnn))
+    assert seen[0] < unseen[0] - 0.01 and seen[1] >= unseen[1] + 0.1
+    cpu1_stages = [r for r in stages if r.backend == "cpu1"]
+    median, within = figures(bench, cpu1, cpu1_stages)
+    assert median <= 0.025 and within >= 0.98
+    median, within = figures(bench, predictor.models[("host", "cpu2")], [r for r in stages if r.backend == "cpu2"])
+    assert median <= 0.06 and within >= 0.89
 
 def test_held_out_stages_of_a_store_timed_in_twelve_rounds():
     """Store W, each unit timed in 12 rounds instead of 6 (planner/profile.py ROUNDS): its
