@@ -269,7 +269,7 @@ def _layout_reorders(run: list[torch.fx.Node]) -> tuple[OpMix, ...]:
     if not tensors:
         return ()
     reorders = OpMix("layout", len(tensors), 0, 2 * sum(t.nbytes for t in tensors if t is not None))
-    aliased = [t for t in (n.meta.get(TENSOR_KEY) for n in reordered_outputs) if t is not None and t.aliased_planes]
+    aliased = [t for t in tensors[len(reordered_inputs):] if t is not None and t.aliased_planes]
     if not aliased:
         return (reorders,)
     return (reorders, OpMix("aliased_layout", len(aliased), 0, 2 * sum(t.nbytes for t in aliased)))

@@ -347,14 +347,23 @@ SMALL_BLOCK_MFLOPS = (0.5, 30.0)
 def _small_separable_block(rng, max_mflops):
     """A separable block as edge CNNs have them: 16-256 input channels, widening by up to
     3x (or narrowing by 1.4x) as MobileNets do, at 7-64 px, within SMALL_BLOCK_MFLOPS."""
-    low, high = SMALL_BLOCK_MFLOPS
     while True:
-        c_in = _log_uniform(rng, 16, 256, 8)
-        c_out = max(8, int(round(c_in * 2 ** rng.uniform(-0.5, 1.5) / 8)) * 8)
+        c_in, c_out = _edge_block_channels(rng)
         size, kernel, stride = _log_uniform(rng, 7, 64), rng.choice([3, 3, 5]), rng.choice([1, 2])
-        mflops = _separable_mflops(c_in, c_out, size, kernel, stride)
-        if low <= mflops <= min(high, max_mflops):
+        if _small_block_fits(c_in, c_out, size, kernel, stride, max_mflops):
             return _sampled_separable_block(rng, c_in, c_out, size, kernel, stride)
+
+
+def _edge_block_channels(rng) -> tuple[int, int]:
+    """(input, output) channels of an edge CNN's separable block: 16-256 in, widening by
+    up to 3x (or narrowing by 1.4x) as MobileNets do, multiples of 8."""
+    c_in = _log_uniform(rng, 16, 256, 8)
+    return c_in, max(8, int(round(c_in * 2 ** rng.uniform(-0.5, 1.5) / 8)) * 8)
+
+
+def _small_block_fits(c_in: int, c_out: int, size: int, kernel: int, stride: int, max_mflops: float) -> bool:
+    low, high = SMALL_BLOCK_MFLOPS
+    return low <= _separable_mflops(c_in, c_out, size, kernel, stride) <= min(high, max_mflops)
 
 
 # Output sizes whose float32 channel planes lie a multiple of 4 KiB apart
@@ -368,14 +377,11 @@ def _aligned_separable_block(rng, max_mflops):
     ALIGNED_OUTPUT_SIZES, whose output ONNX Runtime reorders out of its blocked layout into
     channel planes 4 KiB apart (kind "aliased_layout", twice the time per byte here), and
     one 4 px off. The other families draw sizes log-uniform and seldom hit these."""
-    low, high = SMALL_BLOCK_MFLOPS
     while True:
-        c_in = _log_uniform(rng, 16, 256, 8)
-        c_out = max(8, int(round(c_in * 2 ** rng.uniform(-0.5, 1.5) / 8)) * 8)
+        c_in, c_out = _edge_block_channels(rng)
         aligned, kernel, stride = rng.choice(ALIGNED_OUTPUT_SIZES), rng.choice([3, 3, 5]), rng.choice([1, 2])
         off = aligned + rng.choice([-4, 4])
-        if all(low <= _separable_mflops(c_in, c_out, out * stride, kernel, stride) <= min(high, max_mflops)
-               for out in (aligned, off)):
+        if all(_small_block_fits(c_in, c_out, out * stride, kernel, stride, max_mflops) for out in (aligned, off)):
             activation = rng.choice(ACTIVATIONS)
             return [_sampled_separable_block(rng, c_in, c_out, out * stride, kernel, stride, activation)
                     for out in (aligned, off)]
