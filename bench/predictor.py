@@ -75,6 +75,7 @@ from edgeplan.passes.units import group_units  # noqa: E402
 from edgeplan.planner.fleet import load_fleet  # noqa: E402
 from edgeplan.planner.layer_space import FAMILIES, SeparableConvBlock, layer_space  # noqa: E402
 from edgeplan.planner.predictor import (  # noqa: E402
+    JOIN_BASIS,
     LearnedCostModel,
     Predictor,
     adapt,
@@ -94,6 +95,15 @@ from edgeplan.planner.profile import (  # noqa: E402
 
 EXAMPLES = ROOT / "examples"
 BACKENDS = ("cpu1", "cpu2")
+# How each JOIN_BASIS term of the join model is printed: its unit's scale, digits, and what
+# it is per.
+JOIN_TERMS = {"cut": (1e6, 1, "us per cut"),
+              "nchw_bytes": (1e12, 1, "us per MB of 4-D tensors"),
+              "other_bytes": (1e12, 1, "us per MB of other tensors"),
+              "weight_bytes": (1e12, 2, "us per MB of the two units' weights"),
+              "layernorm_bytes": (1e12, 1, "us per MB of a LayerNorm unit after it"),
+              "activation_bytes": (1e12, 1, "us per MB of an unfused activation before a conv net's cut"),
+              "aliased_bytes": (1e12, 1, "us per MB of 4-D tensors in channel planes 4 KiB apart")}
 ZOO = [
     ("gpt", dict(n_layer=2, d_model=64, n_head=2, vocab=256, seq=16, batch=1)),
     ("gpt", dict(n_layer=2, d_model=96, n_head=2, vocab=384, seq=48, batch=1)),
@@ -594,11 +604,8 @@ def main(argv=None) -> int:
     for backend in BACKENDS:
         coef = predictor.models[("host", backend)].join_coef
         print(f"{backend:<8} " + ("none (does not predict left-out models' stages)" if coef is None else
-              f"{coef[0] * 1e6:+.1f} us per cut, {coef[1] * 1e12:+.1f} us per MB of 4-D tensors, "
-              f"{coef[2] * 1e12:+.1f} us per MB of other tensors, {coef[3] * 1e12:+.2f} us per MB "
-              f"of the two units' weights, {coef[4] * 1e12:+.1f} us per MB of a LayerNorm unit after it, "
-              f"{coef[5] * 1e12:+.1f} us per MB of an unfused activation before a conv net's cut, "
-              f"{coef[6] * 1e12:+.1f} us per MB of 4-D tensors in channel planes 4 KiB apart"))
+              ", ".join(f"{value * JOIN_TERMS[name][0]:+.{JOIN_TERMS[name][1]}f} {JOIN_TERMS[name][2]}"
+                        for name, value in zip(JOIN_BASIS, coef))))
     print("\nMachine drift: the reference workload (profile.reference_model, timed in every round)")
     for backend in BACKENDS:
         phases = [("training", [r for r in store_records if r.backend == backend]),
