@@ -36,9 +36,11 @@ def speedups(samples: int, timings: int) -> tuple[tuple[str, ...], list[np.ndarr
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=24, help="layer space samples (pairs: samples)")
-    parser.add_argument("--timings", type=int, default=2, help="timings of every unit, in one process")
+    parser.add_argument("--timings", type=int, default=2, help="timings of every unit, in one process (2 or more)")
     args = parser.parse_args(argv)
-    descriptions, ratios = speedups(args.samples, max(args.timings, 2))
+    if args.timings < 2:
+        parser.error(f"--timings {args.timings}: give 2 or more, to compare one unit's timings")
+    descriptions, ratios = speedups(args.samples, args.timings)
     print(f"{'pair (first twin)':48s} {'twin':>6s}  cpu2 / cpu1 of the twins, per timing")
     for i in range(0, len(descriptions), 2):
         twin = descriptions[i + 1].split()[4]
