@@ -29,3 +29,27 @@ def test_one_pair_is_timed_as_twins_in_every_timing(capsys, monkeypatch):
     assert "one unit, timing to timing" in printed and "twin to twin, same timing" in printed
     with pytest.raises(SystemExit):
         bench.main(["--timings", "1"])
+
+
+def test_phases_find_the_slow_spells_of_two_threads(capsys):
+    bench = load_module(BENCH, "edgeplan_bench_thread_scaling")
+    # two modes, as this VM's reference ran: 0.59 and 0.76 of its 1-thread time
+    ratios = np.array([0.59, 0.60, 0.76, 0.77, 0.76, 0.58, 0.59, 0.75, 0.60, 0.59])
+    slow, spells = bench.slow_spells(ratios)
+    assert slow.tolist() == [False, False, True, True, True, False, False, True, False, False]
+    assert spells == [3, 1]
+    bench.print_phases(ratios, window_s=0.1)
+    printed = capsys.readouterr().out
+    assert "10 window pairs of 0.2 s" in printed
+    assert "in 40 % of windows (median 0.76)" in printed
+    assert "2 slow spell(s): median 0.4 s, longest 0.6 s" in printed
+
+
+def test_phase_ratios_time_both_thread_counts_in_every_window(capsys):
+    bench = load_module(BENCH, "edgeplan_bench_thread_scaling")
+    ratios = bench.phase_ratios(seconds=0.2, window_s=0.02)
+    assert len(ratios) >= 2
+    # two threads never take over twice one thread's time, nor less than a third of it
+    assert np.all((ratios > 0.3) & (ratios < 2.5))
+    with pytest.raises(SystemExit):
+        bench.main(["--phases", "-1"])

@@ -346,7 +346,9 @@ def robust_stats(samples: Sequence[float]) -> tuple[float, float, float, int]:
     return median, p10, p90, outliers
 
 
-def _session(path: Path | bytes, threads: int):
+def onnx_session(path: Path | bytes, threads: int):
+    """An ONNX Runtime CPU session as the profiler times one: `threads` intra-op threads,
+    sequential, its pool spinning as in the runtime."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -584,7 +586,7 @@ def profile_units(model, example_inputs, *, threads: Sequence[int] = (1, 2), war
         runs, keys = [], []
         for index, group, path, feeds in exported:
             for t in threads:
-                session = _session(path, t)
+                session = onnx_session(path, t)
                 # The exporter drops inputs a unit does not read: feed what the file asks for.
                 wanted = [i.name for i in session.get_inputs()]
                 feeds_used = {k: feeds[k] for k in wanted}
@@ -601,7 +603,7 @@ def profile_units(model, example_inputs, *, threads: Sequence[int] = (1, 2), war
                 step(f"build TVM {_group_name(group)}")
         reference_feeds = {"x": np.random.default_rng(0).standard_normal((64, 256), dtype=np.float32)}
         timed_threads = sorted({t for *_, t in keys})
-        references = {t: _session(reference_model(), t) for t in timed_threads}
+        references = {t: onnx_session(reference_model(), t) for t in timed_threads}
         cpu = pinned_cpu()
 
         def pinned_for(threads_used: int):
@@ -710,20 +712,20 @@ class _TvmRunner:
         return self.session.run(feeds)
 
 
-def _tvm_runner(path: Path, index: int, onnx_session, feeds: dict) -> _TvmRunner:
+def _tvm_runner(path: Path, index: int, unit_session, feeds: dict) -> _TvmRunner:
     """The unit's ONNX file built as a TVM library next to it, in a one-thread session."""
     from edgeplan.runtime.manifest import StageEntry, TensorEntry
     from edgeplan.runtime.tvm_session import TvmStageSession
     from edgeplan.targets.tvm import TvmTarget
 
     built = TvmTarget(target="host", schedule="dlight").emit(path, index, path.parent)
-    outputs = onnx_session.run(None, feeds)
+    outputs = unit_session.run(None, feeds)
     entry = StageEntry(
         index=index, device=DEVICE, backend=TVM_BACKEND, execution_providers=("tvm:llvm",),
         artifact=built.artifact,
         inputs=tuple(TensorEntry(n, tuple(a.shape), str(a.dtype)) for n, a in feeds.items()),
         outputs=tuple(TensorEntry(o.name, tuple(a.shape), str(a.dtype))
-                      for o, a in zip(onnx_session.get_outputs(), outputs)),
+                      for o, a in zip(unit_session.get_outputs(), outputs)),
         forward=())
     return _TvmRunner(TvmStageSession(path.parent, entry, threads=1))
 
