@@ -3,7 +3,6 @@
     .venv/bin/python bench/thread_scaling.py [--samples 24] [--timings 2]
     .venv/bin/python bench/thread_scaling.py --phases 30
 
-
 Times the layer space's aligned_separable_block pairs (planner/layer_space.py: twin
 separable blocks alike but for their output size, 4 px apart) on backends cpu1 and cpu2
 with the profiler the store uses, `--timings` times in one process, and prints each twin's
@@ -15,7 +14,7 @@ them nearly the same speedup, and errs by about half their gap on each.
 `--phases SECONDS` instead times the profiler's reference workload (planner/profile.py) on
 two threads and on one, pinned, in alternating windows of WINDOW_S for that long, and
 prints the ratio's spread and how long the slow spells last: on a shared VM a 2-thread
-session switches between two speeds, in spells of 0.2 s to tens of seconds, and every
+session switches between two speeds, in spells of 0.2 s to over 10 s, and every
 2-thread session switches at the same moments (bench/predictor_notes.md).
 """
 
