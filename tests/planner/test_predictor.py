@@ -38,6 +38,7 @@ from edgeplan.planner.predictor import (
     feature_vector,
     fit_joins,
     fit_model,
+    huber_weights,
     join_features,
     model_family,
     nnls,
@@ -106,6 +107,29 @@ def test_nnls_satisfies_the_optimality_conditions():
         assert (x >= 0).all()
         assert np.allclose(gradient[x > 0], 0, atol=1e-8)  # free coefficients: stationary
         assert (gradient[x == 0] >= -1e-8).all()  # clamped ones: moving up would not help
+
+
+def test_huber_weights_down_weight_errors_beyond_k_robust_deviations():
+    errors = np.array([-0.02, -0.01, 0.0, 0.01, 0.02, 0.5])
+    spread = 1.4826 * 0.015  # median absolute deviation from the median (0.005) is 0.015
+    weights = huber_weights(errors, k=1.345)
+    assert np.allclose(weights[:5], 1.0)
+    assert weights[5] == pytest.approx(1.345 * spread / 0.495)
+    assert np.allclose(huber_weights(np.zeros(4)), 1.0)  # no spread: nothing to judge by
+
+
+def test_a_few_units_off_the_law_do_not_move_its_rates():
+    """Nineteen units of 2 s per FLOP, timed 1 % either side of it, and three at twice that
+    (as a launch-bound embedding runs against the rate its kind's big ops agree on): least
+    squares on relative errors moves the rate 4 % towards the three, Huber's loss keeps the
+    nineteen's."""
+    flops = np.linspace(1.0, 5.0, 22)
+    x = np.stack([flops, np.zeros(22)], axis=1)
+    y = 2.0 * flops * np.where(np.arange(22) % 2 == 0, 1.01, 0.99)
+    y[[3, 10, 17]] = 4.0 * flops[[3, 10, 17]]
+    assert predictor_module._relative_nnls(x, y)[0] == pytest.approx(2.0, rel=0.005)
+    least_squares = nnls(x / y[:, None], np.ones(22))[0]
+    assert least_squares == pytest.approx(2.08, abs=0.01)
 
 
 def test_fit_predicts_unseen_units_of_a_known_law():
