@@ -11,7 +11,7 @@ non-negative least squares on relative errors (each record's row divided by its 
 time), so small and large units weigh alike, and robust: records whose relative error lies
 beyond HUBER_K robust standard deviations of all errors weigh less the farther out they lie
 (Huber's loss, by reweighted least squares), so a few units the law cannot describe (a
-position embedding or a final LayerNorm of some microseconds, 30-60 % off any rate the rest
+position embedding or a final LayerNorm of some microseconds, 15-70 % off any rate the rest
 agree on) do not pull the rates every other unit is priced by. A stage-level record (a
 run's measured stage time, its features summed over the stage's units) is one more row of
 the same system.
