@@ -246,3 +246,29 @@ def test_the_law_prices_conv_epilogues_as_the_pairs_measured_them(recorded):
         measured = paid.time_s - free.time_s
         priced = model.additive(paid.features) - model.additive(free.features)
         assert abs(priced - measured) <= max(3e-6, 0.15 * measured), descriptions[index + 1]
+
+
+def test_a_store_profiled_after_the_robust_fit_meets_the_target_in_either_timing():
+    """Store BB, profiled after the law's fit became robust (Huber's loss) and judged once:
+    cpu1's held-out stages meet the target in both timings (1.7 % / 100 % and 1.8 % / 100 %),
+    cpu2's in the second (4.1 % / 93 %) and one stage short in the first (3.7 % / 89 %). The
+    stage short is a measurement: sep-cnn-64's features.2..head on two threads ran 203 us in
+    every round of its first session and 120 us in its second, the 2-thread reference fast in
+    both (120 us), and is predicted 130."""
+    bench, predictor, _, _, stages = refit(DATA / "host-bb")
+    measured = bench.refeature(ProfileStore(DATA / "host-bb" / "store_heldout.jsonl").load(), samples=24)
+    splits_of = json.loads((DATA / "host-bb" / "store_heldout_splits.json").read_text())
+    _, _, again = bench.split_records(measured, splits_of)
+    judged = {(r.model, r.unit, r.backend) for r in stages}
+    second = [dataclasses.replace(r, model=r.model.removesuffix("-repeat")) for r in again
+              if (r.model.removesuffix("-repeat"), r.unit, r.backend) in judged]
+    assert len(second) == len(stages) == 92
+    for timing, floor in ((stages, 0.85), (second, 0.90)):
+        cpu1, cpu2 = ([r for r in timing if r.backend == b] for b in ("cpu1", "cpu2"))
+        median, within = figures(bench, predictor.models[("host", "cpu1")], cpu1)
+        assert median <= 0.03 and within >= 0.98
+        median, within = figures(bench, predictor.models[("host", "cpu2")], cpu2)
+        assert median <= 0.05 and within >= floor
+    slow = next(r for r in stages if r.model == "sep-cnn-64" and r.unit == "features.2..head" and r.backend == "cpu2")
+    fast = next(r for r in second if r.model == "sep-cnn-64" and r.unit == "features.2..head" and r.backend == "cpu2")
+    assert slow.time_s > 1.5 * fast.time_s and slow.reference_s < 1.05 * fast.reference_s
