@@ -322,29 +322,41 @@ def kinds_of(features: dict[str, float]) -> frozenset[str]:
     return frozenset(k for k in PREDICTED_KINDS if k not in SURCHARGE_KINDS and features.get(f"{k}_count", 0.0) > 0)
 
 
-def nnls(a: np.ndarray, b: np.ndarray, max_iterations: int | None = None) -> np.ndarray:
-    """min ||a x - b|| subject to x >= 0 (Lawson-Hanson active set)."""
+def nnls(a: np.ndarray, b: np.ndarray, max_iterations: int | None = None,
+         start: np.ndarray | None = None) -> np.ndarray:
+    """min ||a x - b|| subject to x >= 0 (Lawson-Hanson active set), from x = 0 or from a
+    feasible `start` whose positive entries begin free: a reweighted fit starts from the
+    last round's solution, whose free set barely moves."""
     rows, cols = a.shape
-    x = np.zeros(cols)
-    passive = np.zeros(cols, dtype=bool)
     tolerance = 10 * np.finfo(float).eps * np.linalg.norm(a, 1) * max(rows, cols)
+    x = np.zeros(cols) if start is None else np.where(start > tolerance, start, 0.0)
+    passive = x > 0
+    if passive.any():
+        x = _descend(a, b, x, passive, tolerance)
     for _ in range(max_iterations or 3 * cols):
         gradient = a.T @ (b - a @ x)
         if passive.all() or gradient[~passive].max(initial=-np.inf) <= tolerance:
             break
         passive[np.argmax(np.where(passive, -np.inf, gradient))] = True
-        while True:
-            z = np.zeros(cols)
-            z[passive] = np.linalg.lstsq(a[:, passive], b, rcond=None)[0]
-            if z[passive].min() > 0:
-                x = z
-                break
-            blocking = passive & (z <= 0)
-            alpha = np.min(x[blocking] / (x[blocking] - z[blocking]))
-            x = x + alpha * (z - x)
-            passive &= x > tolerance
-            x[~passive] = 0.0
+        x = _descend(a, b, x, passive, tolerance)
     return x
+
+
+def _descend(a: np.ndarray, b: np.ndarray, x: np.ndarray, passive: np.ndarray,
+             tolerance: float) -> np.ndarray:
+    """Lawson-Hanson's inner loop: from feasible x, the least-squares solution on the free
+    (`passive`, updated in place) columns, stepping back to the boundary and fixing at 0 the
+    columns that would turn negative."""
+    while True:
+        z = np.zeros(len(x))
+        z[passive] = np.linalg.lstsq(a[:, passive], b, rcond=None)[0]
+        if z[passive].min(initial=np.inf) > 0:  # (a start can leave no column free)
+            return z
+        blocking = passive & (z <= 0)
+        alpha = np.min(x[blocking] / (x[blocking] - z[blocking]))
+        x = x + alpha * (z - x)
+        passive &= x > tolerance
+        x[~passive] = 0.0
 
 
 def _relative_nnls(x: np.ndarray, y: np.ndarray, prior: np.ndarray | None = None,
@@ -381,8 +393,10 @@ def _relative_nnls(x: np.ndarray, y: np.ndarray, prior: np.ndarray | None = None
         weighted = rows * root[:, None]
         norms = np.linalg.norm(weighted, axis=0)
         used = norms > 0
+        start = out[free[used]] * norms[used]  # the last round's solution in this round's scale
         out[free] = 0.0
-        out[free[used]] = nnls(weighted[:, used] / norms[used], share * root) / norms[used]
+        out[free[used]] = nnls(weighted[:, used] / norms[used], share * root,
+                               start=start if start.any() else None) / norms[used]
         updated = huber_weights(x @ out / y - 1.0)
         if np.max(np.abs(updated - weights)) <= HUBER_TOLERANCE:
             break

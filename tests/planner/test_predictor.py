@@ -109,6 +109,15 @@ def test_nnls_satisfies_the_optimality_conditions():
         assert (gradient[x == 0] >= -1e-8).all()  # clamped ones: moving up would not help
 
 
+def test_nnls_from_a_start_finds_the_same_optimum():
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        a = rng.normal(size=(12, 6))
+        b = rng.normal(size=12)
+        start = np.where(rng.random(6) < 0.5, rng.random(6), 0.0)  # feasible, any free set
+        assert np.allclose(nnls(a, b, start=start), nnls(a, b), atol=1e-10)
+
+
 def test_huber_weights_down_weight_errors_beyond_k_robust_deviations():
     errors = np.array([-0.02, -0.01, 0.0, 0.01, 0.02, 0.5])
     spread = 1.4826 * 0.015  # median absolute deviation from the median (0.005) is 0.015
