@@ -28,9 +28,10 @@ import numpy as np
 from edgeplan.planner.layer_space import layer_space
 from edgeplan.planner.profile import (
     onnx_session,
-    pinned,
     pinned_cpu,
+    pinned_for,
     profile_units,
+    reference_feeds,
     reference_model,
     warm_up,
 )
@@ -58,18 +59,18 @@ def speedups(samples: int, timings: int) -> tuple[tuple[str, ...], list[np.ndarr
 def phase_ratios(seconds: float, window_s: float = WINDOW_S) -> np.ndarray:
     """The reference workload's time per run on two threads over its time on one (pinned,
     as the profiler times one thread), per pair of back-to-back windows, for `seconds`."""
-    feeds = {"x": np.random.default_rng(0).standard_normal((64, 256), dtype=np.float32)}
+    feeds = reference_feeds()
     sessions = {threads: onnx_session(reference_model(), threads) for threads in (1, 2)}
     cpu = pinned_cpu()
     for threads, session in sessions.items():
-        with pinned(cpu if threads == 1 else None):
+        with pinned_for(threads, cpu):
             warm_up(session, feeds, 20)
     ratios = []
     started = time.perf_counter()
     while time.perf_counter() - started < seconds:
         per_run = {}
         for threads, session in sessions.items():
-            with pinned(cpu if threads == 1 else None):
+            with pinned_for(threads, cpu):
                 window_start, runs = time.perf_counter(), 0
                 while time.perf_counter() - window_start < window_s:
                     session.run(None, feeds)

@@ -381,6 +381,13 @@ def reference_model() -> bytes:
     return model.SerializeToString()
 
 
+def reference_feeds() -> dict:
+    """The reference workload's input x (seeded, 64 x 256 float32)."""
+    import numpy as np
+
+    return {"x": np.random.default_rng(0).standard_normal((64, 256), dtype=np.float32)}
+
+
 def choose_rounds(round_references: Sequence[dict[int, float]], fastest: dict[int, float],
                   rounds: int, extra_rounds: int) -> list[int] | None:
     """Indices of the rounds to keep, or None to time another round.
@@ -432,6 +439,12 @@ def pinned_cpu() -> int | None:
     if not hasattr(os, "sched_getaffinity"):
         return None
     return max(os.sched_getaffinity(0))
+
+
+def pinned_for(threads: int, cpu: int | None):
+    """1-thread timings run pinned to `cpu`, others unpinned (module docstring): `pinned`
+    for a session of `threads` threads."""
+    return pinned(cpu if threads == 1 else None)
 
 
 @contextmanager
@@ -601,21 +614,17 @@ def profile_units(model, example_inputs, *, threads: Sequence[int] = (1, 2), war
                         raise
                     on_tvm_failure(_group_name(group), str(error))
                 step(f"build TVM {_group_name(group)}")
-        reference_feeds = {"x": np.random.default_rng(0).standard_normal((64, 256), dtype=np.float32)}
+        reference_input = reference_feeds()
         timed_threads = sorted({t for *_, t in keys})
         references = {t: onnx_session(reference_model(), t) for t in timed_threads}
         cpu = pinned_cpu()
 
-        def pinned_for(threads_used: int):
-            """1-thread timings run pinned to one CPU, others unpinned (module docstring)."""
-            return pinned(cpu if threads_used == 1 else None)
-
         for (session, feeds), (*_, t) in zip(runs, keys):
-            with pinned_for(t):
+            with pinned_for(t, cpu):
                 warm_up(session, feeds, warmup)
         for t, session in references.items():
-            with pinned_for(t):
-                warm_up(session, reference_feeds, warmup)
+            with pinned_for(t, cpu):
+                warm_up(session, reference_input, warmup)
         if max(timed_threads) > 1:
             time.sleep(SPIN_SETTLE_S)  # the warmed pools stop spinning before anything is timed
 
@@ -626,7 +635,7 @@ def profile_units(model, example_inputs, *, threads: Sequence[int] = (1, 2), war
             timed: list[list[float]] = [[] for _ in sessions]
             for i in sorted(range(len(sessions)), key=lambda i: sessions[i][2]):
                 session, feeds, t = sessions[i]
-                with pinned_for(t):
+                with pinned_for(t, cpu):
                     timed[i] = time_session(session, feeds, SPIN_WAKE_RUNS if t > 1 else 0, repeats_each,
                                             MIN_ROUND_S)
                 if t > 1:
@@ -634,7 +643,7 @@ def profile_units(model, example_inputs, *, threads: Sequence[int] = (1, 2), war
             return timed
 
         def reference_times() -> dict[int, float]:
-            timed = timed_by_threads([(session, reference_feeds, t) for t, session in references.items()], 5)
+            timed = timed_by_threads([(session, reference_input, t) for t, session in references.items()], 5)
             return {t: float(np.median(samples)) for t, samples in zip(references, timed)}
 
         def time_round() -> list[list[float]]:
