@@ -395,8 +395,7 @@ def _relative_nnls(x: np.ndarray, y: np.ndarray, prior: np.ndarray | None = None
         used = norms > 0
         start = out[free[used]] * norms[used]  # the last round's solution in this round's scale
         out[free] = 0.0
-        out[free[used]] = nnls(weighted[:, used] / norms[used], share * root,
-                               start=start if start.any() else None) / norms[used]
+        out[free[used]] = nnls(weighted[:, used] / norms[used], share * root, start=start) / norms[used]
         updated = huber_weights(x @ out / y - 1.0)
         if np.max(np.abs(updated - weights)) <= HUBER_TOLERANCE:
             break
